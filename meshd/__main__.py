@@ -1,0 +1,7 @@
+"""`python3 -m meshd`: patch gevent first, then run the CLI."""
+from gevent import monkey; monkey.patch_all()  # noqa: E702 - before every other import
+
+from meshd.cli import main
+
+if __name__ == '__main__':
+    main()

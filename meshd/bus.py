@@ -1,0 +1,91 @@
+"""The in-process event bus, backed by the durable `events` table (spec/daemon.md §3.6, §7.3).
+
+Publishing appends the event to the log first, then hands it to live subscribers, so a
+subscriber that resumes with `since_seq` misses nothing and sees nothing twice. A failing
+subscriber is isolated from the others.
+"""
+import json
+import logging
+
+from storage import db as storage_db
+from storage.models import EVENT_LOG_KEEP, Event
+
+from meshd.log import iso_now
+
+log = logging.getLogger(__name__)
+
+TRIM_EVERY = 100
+
+
+class EventBus:
+    """Appends events to the log and fans them out to subscribers."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+        self._subscribers = []
+        self._inserts = 0
+
+    def reset_log(self):
+        """Empty the log at start: events of an earlier epoch are never replayed."""
+        with storage_db.writing():
+            Event.delete().execute()
+
+    def append(self, kind, data):
+        """Write the event row (inside the caller's transaction, if any); return the event."""
+        ts = iso_now()
+        mesh = data.get('mesh') if isinstance(data.get('mesh'), str) else None
+        with storage_db.writing():
+            row = Event.create(epoch=self.epoch, kind=kind, ts=ts, mesh=mesh,
+                               recipient_kind=data.get('recipient_kind'),
+                               recipient_pubkey=data.get('recipient_pubkey'),
+                               data=json.dumps(data, ensure_ascii=False))
+            self._inserts += 1
+            if self._inserts % TRIM_EVERY == 0:
+                self.trim(row.seq)
+        return {'seq': row.seq, 'epoch': self.epoch, 'kind': kind, 'ts': ts, 'data': data}
+
+    def deliver(self, event):
+        """Hand a committed event to every live subscriber."""
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                log.exception('event subscriber failed')
+
+    def publish(self, kind, data):
+        """Append, then deliver. Call it outside any transaction."""
+        event = self.append(kind, data)
+        self.deliver(event)
+        return event
+
+    def trim(self, newest=None):
+        """Keep the newest EVENT_LOG_KEEP rows; return how many were removed."""
+        with storage_db.writing():
+            if newest is None:
+                newest = Event.newest_seq()
+            return Event.delete().where(Event.seq <= newest - EVENT_LOG_KEEP).execute()
+
+    def subscribe(self, callback):
+        """Register `callback(event)`; returns a function that unregisters it."""
+        self._subscribers.append(callback)
+
+        def unsubscribe():
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+        return unsubscribe
+
+    @property
+    def subscriber_count(self):
+        return len(self._subscribers)
+
+    def replay(self, since_seq):
+        """Retained events after `since_seq`, oldest first, as event dicts."""
+        with storage_db.reading():
+            rows = list(Event.after(since_seq).where(Event.epoch == self.epoch))
+        return [{'seq': row.seq, 'epoch': row.epoch, 'kind': row.kind, 'ts': row.ts,
+                 'data': json.loads(row.data)} for row in rows]
+
+    def bounds(self):
+        """(oldest retained seq or None, newest seq or 0)."""
+        with storage_db.reading():
+            return Event.oldest_seq(), Event.newest_seq()

@@ -1,0 +1,81 @@
+"""Structured log lines: one JSON object per line, `ts` last (spec/daemon.md §1.9).
+
+Modules log with `log.info('event_name', extra={'fields': {...}})`; the record's message is
+the event name and the fields become keys. Info lines go to stdout, warnings and errors to
+stderr. A few lifecycle lines carry no `level` key, as claudemesh's do. Handlers are set
+up once, by the CLI, never at import.
+"""
+import datetime
+import json
+import logging
+import sys
+
+# Lines that claudemesh writes without a `level` key.
+_UNLEVELLED = frozenset({'host_fingerprint_written', 'broker_status', 'daemon_started',
+                         'daemon_shutdown'})
+_LEVEL_NAMES = {logging.DEBUG: 'debug', logging.INFO: 'info', logging.WARNING: 'warn',
+                logging.ERROR: 'error', logging.CRITICAL: 'error'}
+
+
+def iso_now():
+    """UTC ISO-8601 with milliseconds and a Z suffix."""
+    return iso_from_ms(None)
+
+
+def iso_from_ms(ms):
+    """ISO time of `ms` (epoch milliseconds; None means now), as JavaScript's toISOString."""
+    if ms is None:
+        moment = datetime.datetime.now(datetime.timezone.utc)
+    else:
+        moment = datetime.datetime.fromtimestamp(ms / 1000.0, datetime.timezone.utc)
+    return moment.isoformat(timespec='milliseconds').replace('+00:00', 'Z')
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats records as the daemon's JSON lines."""
+
+    def format(self, record):
+        message = record.getMessage()
+        line = {}
+        if record.levelno != logging.INFO or message not in _UNLEVELLED:
+            line['level'] = _LEVEL_NAMES.get(record.levelno, 'info')
+        line['msg'] = message
+        fields = getattr(record, 'fields', None)
+        if fields:
+            line.update(fields)
+        if record.exc_info:
+            line['err'] = self.formatException(record.exc_info)
+        line['ts'] = iso_now()
+        return json.dumps(line, ensure_ascii=False, default=str, separators=(',', ':'))
+
+
+class _Below(logging.Filter):
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno < self.level
+
+
+def setup(debug=False):
+    """Route records to stdout (info) and stderr (warnings and errors) as JSON lines."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    formatter = JsonFormatter()
+    out = logging.StreamHandler(sys.stdout)
+    out.setLevel(logging.DEBUG if debug else logging.INFO)
+    out.addFilter(_Below(logging.WARNING))
+    out.setFormatter(formatter)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(formatter)
+    root.addHandler(out)
+    root.addHandler(err)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def event(logger, level, name, **fields):
+    """Log the structured line `name` with `fields`."""
+    logger.log(level, name, extra={'fields': fields})

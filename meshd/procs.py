@@ -1,0 +1,33 @@
+"""Process liveness and start times, read with psutil (no subprocess, never blocks the hub)."""
+import os
+
+import psutil
+
+START_TIME_TOLERANCE = 1.0  # create_time moves slightly when the clock is adjusted
+
+
+def is_alive(pid):
+    """kill(pid, 0) succeeds. EPERM counts as dead: a session process runs as our user."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def start_time(pid):
+    """The process's start time as a decimal string, None when it cannot be read."""
+    try:
+        return '%.2f' % psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):
+        return None
+
+
+def same_start(recorded, live):
+    """Whether two start-time strings name the same process start (within 1 s)."""
+    try:
+        return abs(float(recorded) - float(live)) <= START_TIME_TOLERANCE
+    except (TypeError, ValueError):
+        return recorded == live

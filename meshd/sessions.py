@@ -1,0 +1,163 @@
+"""The session registry: registered agent sessions, by token and by session id (spec/daemon.md §4).
+
+Secret keys live in memory only (`presence`); the `sessions` table holds the bindings
+needed to rehydrate after a restart, never a secret key. Hooks let the daemon open and
+close session links; a hook that raises never undoes a registry mutation.
+"""
+import json
+import logging
+
+from storage import db as storage_db
+from storage.models import Session, now_ms
+
+from meshd import procs
+
+log = logging.getLogger(__name__)
+
+
+class SessionInfo:
+    """One registered session. `presence` holds the session secret key: never serialise it."""
+
+    FIELDS = ('token', 'session_id', 'mesh', 'display_name', 'pid', 'cwd', 'role', 'groups',
+              'start_time', 'registered_at')
+
+    def __init__(self, token, session_id, mesh, display_name, pid, cwd=None, role=None,
+                 groups=None, start_time=None, registered_at=None, presence=None):
+        self.token = token
+        self.session_id = session_id
+        self.mesh = mesh
+        self.display_name = display_name
+        self.pid = pid
+        self.cwd = cwd
+        self.role = role
+        self.groups = list(groups or [])
+        self.start_time = start_time
+        self.registered_at = registered_at
+        self.presence = presence
+
+    @property
+    def token_prefix(self):
+        return self.token[:8]
+
+    @property
+    def session_pubkey(self):
+        return self.presence['session_pubkey'] if self.presence else None
+
+    def public(self):
+        """The projection returned by sessions.me and sessions.list: no secret key."""
+        presence = None
+        if self.presence:
+            presence = {'session_pubkey': self.presence['session_pubkey'],
+                        'parent_attestation': self.presence['parent_attestation']}
+        return {'session_id': self.session_id, 'mesh': self.mesh,
+                'display_name': self.display_name, 'pid': self.pid, 'cwd': self.cwd,
+                'role': self.role, 'groups': self.groups, 'start_time': self.start_time,
+                'registered_at': self.registered_at, 'token_prefix': self.token_prefix,
+                'presence': presence}
+
+
+class SessionRegistry:
+    """In-memory registry with write-through persistence to the `sessions` table."""
+
+    def __init__(self):
+        self.by_token = {}
+        self.by_session_id = {}
+        self.persist_enabled = False
+        self.on_register = []
+        self.on_deregister = []
+
+    def resolve(self, token):
+        """The live entry of `token`, or None. There is no age limit (spec/daemon.md §4.4)."""
+        return self.by_token.get(token) if token else None
+
+    def all(self):
+        return list(self.by_token.values())
+
+    def register(self, info):
+        """Store `info`, replacing a prior entry of the same session id; fire the hooks."""
+        prior_token = self.by_session_id.get(info.session_id)
+        if prior_token is not None and prior_token != info.token:
+            prior = self.by_token.pop(prior_token, None)
+            if prior is not None:
+                self._persist_delete(prior.token)
+                self._fire(self.on_deregister, prior)
+        info.registered_at = now_ms()
+        if info.start_time is None:
+            # psutil reads the process table without a subprocess, so this never blocks.
+            info.start_time = procs.start_time(info.pid)
+        self.by_token[info.token] = info
+        self.by_session_id[info.session_id] = info.token
+        self._persist_upsert(info)
+        self._fire(self.on_register, info)
+        return info
+
+    def deregister(self, token):
+        """Remove the entry of `token`; True when one was removed."""
+        info = self.by_token.pop(token, None)
+        if info is None:
+            return False
+        if self.by_session_id.get(info.session_id) == token:
+            del self.by_session_id[info.session_id]
+        self._persist_delete(token)
+        self._fire(self.on_deregister, info)
+        return True
+
+    def _fire(self, hooks, info):
+        for hook in hooks:
+            try:
+                hook(info)
+            except Exception:
+                log.exception('session hook failed')
+
+    # -- persistence -------------------------------------------------------------------
+
+    def _persist_upsert(self, info):
+        if not self.persist_enabled:
+            return
+        try:
+            with storage_db.writing():
+                (Session.insert(token=info.token, session_id=info.session_id, mesh=info.mesh,
+                                display_name=info.display_name, pid=info.pid, cwd=info.cwd,
+                                role=info.role, groups=json.dumps(info.groups),
+                                start_time=info.start_time, registered_at=info.registered_at)
+                 .on_conflict_replace()
+                 .execute())
+        except Exception as exc:
+            log.warning('sessions_persist_failed', extra={'fields': {'err': str(exc)}})
+
+    def _persist_delete(self, token):
+        if not self.persist_enabled:
+            return
+        try:
+            with storage_db.writing():
+                Session.delete().where(Session.token == token).execute()
+        except Exception as exc:
+            log.warning('sessions_persist_failed', extra={'fields': {'err': str(exc)}})
+
+    def persisted_rows(self):
+        """Valid persisted rows as SessionInfo (no presence); invalid rows are deleted."""
+        valid, invalid = [], []
+        with storage_db.reading():
+            rows = list(Session.select())
+        for row in rows:
+            token_ok = (isinstance(row.token, str) and len(row.token) == 64
+                        and all(c in '0123456789abcdef' for c in row.token))
+            if not token_ok or not isinstance(row.pid, int):
+                invalid.append(row.token)
+                continue
+            try:
+                groups = json.loads(row.groups) if row.groups else []
+            except ValueError:
+                groups = []
+            valid.append(SessionInfo(row.token, row.session_id, row.mesh, row.display_name,
+                                     row.pid, row.cwd, row.role, groups, row.start_time,
+                                     row.registered_at))
+        if invalid:
+            with storage_db.writing():
+                Session.delete().where(Session.token.in_(invalid)).execute()
+        return valid
+
+    def delete_rows_except(self, tokens):
+        """After rehydration: drop persisted rows that were not revived."""
+        with storage_db.writing():
+            return Session.delete().where(Session.token.not_in(list(tokens))).execute()

@@ -1,0 +1,395 @@
+"""The JSON-RPC server: a Unix socket and an optional loopback TCP listener (spec/daemon.md §8.1).
+
+One greenlet per connection from a bounded pool reads lines until b'' (gevent's echoserver).
+Requests on one connection run one at a time, in order. Responses and notifications share a
+per-connection write lock. No handler exception reaches the StreamServer: each is logged
+and answered with a terse internal error, never a traceback.
+"""
+import errno
+import hmac
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.pool
+from gevent.server import StreamServer
+
+from rpc.protocol import (AUTH_ERROR, INTERNAL_ERROR, INVALID_REQUEST, MAX_LINE, PARSE_ERROR,
+                          RpcError, encode, error_response, invalid_params, response)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CLIENTS = 256
+LISTEN_BACKLOG = 128
+
+
+class Stream:
+    """A handler's answer that keeps streaming: `result` goes out first, then `run(conn)`.
+
+    `run` is called in its own greenlet after the response line is written. It returns when
+    the connection closes, a write fails or the server stops (`conn.stopping` is set).
+    """
+
+    def __init__(self, result, run):
+        self.result = result
+        self.run = run
+
+
+class Connection:
+    """One client connection: its transport, auth state, attached session and writer."""
+
+    def __init__(self, sock, transport, server, peer_uid=None):
+        self.sock = sock
+        self.transport = transport
+        self.peer_uid = peer_uid
+        self.authenticated = transport == 'uds'
+        self.session_token = None
+        self.stream = None
+        self.stopping = server.stopping
+        self.closed = gevent.event.Event()
+        self._write_lock = gevent.lock.Semaphore()
+
+    def send(self, message):
+        """Write one message as a line; False when the peer is gone."""
+        if self.closed.is_set():
+            return False
+        data = encode(message)
+        with self._write_lock:
+            try:
+                self.sock.sendall(data)
+                return True
+            except OSError:
+                self.closed.set()
+                return False
+
+    def close(self):
+        self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class CallContext:
+    """What a handler sees: the connection, its session (resolved per call) and the app."""
+
+    def __init__(self, server, conn):
+        self.server = server
+        self.conn = conn
+        self.app = server.app
+        self._session = None
+        self._resolved = False
+
+    @property
+    def session(self):
+        if not self._resolved:
+            self._resolved = True
+            token = self.conn.session_token
+            if token is not None and self.server.session_resolver is not None:
+                self._session = self.server.session_resolver(token)
+        return self._session
+
+
+class RpcServer:
+    """Serves a Registry on a Unix socket (mode 0600, same-uid peers) and optional TCP."""
+
+    def __init__(self, registry, socket_path, tcp_port=None, tcp_token=None,
+                 session_resolver=None, app=None, max_clients=DEFAULT_MAX_CLIENTS):
+        self.registry = registry
+        self.socket_path = socket_path
+        self.tcp_port = tcp_port
+        self._tcp_token = tcp_token
+        self.session_resolver = session_resolver
+        self.app = app
+        self.stopping = gevent.event.Event()
+        self._pool = gevent.pool.Pool(max_clients)
+        self._streams = gevent.pool.Group()
+        self._servers = []
+        self._connections = set()
+        self._active_calls = 0
+        self._idle = gevent.event.Event()
+        self._idle.set()
+        self._uid = os.getuid()
+        self._register_builtins()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self):
+        """Bind both listeners synchronously and start accepting."""
+        uds = StreamServer(bind_unix_socket(self.socket_path), self._handle_uds, spawn=self._pool)
+        uds.start()
+        self._servers.append(uds)
+        if self.tcp_port is not None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(('127.0.0.1', self.tcp_port))
+            listener.listen(LISTEN_BACKLOG)
+            tcp = StreamServer(listener, self._handle_tcp, spawn=self._pool)
+            tcp.start()
+            self._servers.append(tcp)
+
+    @property
+    def tcp_address(self):
+        """'127.0.0.1:PORT' of the bound TCP listener, or None when TCP is off."""
+        for server in self._servers[1:]:
+            return '127.0.0.1:%d' % server.server_port
+        return None
+
+    def close_listeners(self):
+        """Stop accepting and unlink the socket; connections being served go on."""
+        for server in self._servers:
+            try:
+                server.close()
+            except Exception:
+                log.exception('closing a listener failed')
+        try:
+            if self.socket_path and os.path.exists(self.socket_path):
+                os.unlink(self.socket_path)
+        except OSError:
+            log.exception('unlinking %s failed', self.socket_path)
+
+    def stop(self, grace=5.0):
+        """Close listeners, let calls in progress finish within `grace`, then close the rest."""
+        self.close_listeners()
+        self._idle.wait(timeout=grace)
+        self.stopping.set()
+        for conn in list(self._connections):
+            conn.close()
+        self._streams.kill(timeout=grace)
+        self._pool.kill(timeout=grace)
+
+    # -- connections -------------------------------------------------------------------
+
+    def _handle_uds(self, sock, _address):
+        uid = peer_uid(sock)
+        if uid != self._uid:
+            log.warning('ipc_peer_uid_rejected', extra={'fields': {'uid': uid}})
+            sock.close()
+            return
+        self._serve(Connection(sock, 'uds', self, peer_uid=uid))
+
+    def _handle_tcp(self, sock, _address):
+        self._serve(Connection(sock, 'tcp', self))
+
+    def _serve(self, conn):
+        self._connections.add(conn)
+        rfile = conn.sock.makefile('rb')
+        try:
+            while not self.stopping.is_set():
+                try:
+                    line = rfile.readline(MAX_LINE + 1)
+                except OSError:
+                    break
+                if not line:
+                    break  # the client half-closed: answer nothing more, but keep streaming
+                if len(line) > MAX_LINE:
+                    conn.send(error_response(None, RpcError.of(
+                        INVALID_REQUEST, 'payload_too_large',
+                        'line longer than %d bytes' % MAX_LINE)))
+                    return
+                if not line.strip():
+                    continue
+                if not self._handle_line(conn, line):
+                    return
+            if conn.stream is not None:
+                # events.subscribe outlives the client's write side (socat -t 86400 …).
+                conn.stream.join()
+        finally:
+            self._connections.discard(conn)
+            try:
+                rfile.close()
+            except OSError:
+                pass
+            conn.close()
+
+    def _handle_line(self, conn, line):
+        """Answer one line; False closes the connection."""
+        try:
+            message = json.loads(line)
+        except ValueError:
+            if not conn.authenticated:
+                return False  # e.g. an HTTP request line aimed at the TCP port
+            conn.send(error_response(None, RpcError.of(PARSE_ERROR, 'parse_error',
+                                                       'parse error')))
+            return True
+        if not conn.authenticated:
+            return self._handle_unauthenticated(conn, message)
+        if isinstance(message, list):
+            return self._handle_batch(conn, message)
+        answer, stream = self._call(conn, message)
+        if answer is not None and not conn.send(answer):
+            return False
+        if stream is not None:
+            conn.stream = self._streams.spawn(self._run_stream, conn, stream)
+        return True
+
+    def _handle_unauthenticated(self, conn, message):
+        if not (isinstance(message, dict) and message.get('method') == 'auth'):
+            request_id = message.get('id') if isinstance(message, dict) else None
+            conn.send(error_response(request_id, RpcError.of(
+                AUTH_ERROR, 'auth_required', 'missing bearer token')))
+            return False
+        answer, _stream = self._call(conn, message)
+        if answer is not None:
+            conn.send(answer)
+        return conn.authenticated
+
+    def _handle_batch(self, conn, batch):
+        if not batch:
+            conn.send(error_response(None, RpcError.of(INVALID_REQUEST, 'invalid_request',
+                                                       'empty batch')))
+            return True
+        answers = []
+        for message in batch:
+            if isinstance(message, dict) and self._is_stream_method(message.get('method')):
+                answer = error_response(message.get('id'), RpcError.of(
+                    INVALID_REQUEST, 'invalid_request',
+                    '%s must be sent alone, not in a batch' % message.get('method')))
+            else:
+                answer, _stream = self._call(conn, message)
+            if answer is not None:
+                answers.append(answer)
+        if answers:
+            return conn.send(answers)
+        return True
+
+    def _is_stream_method(self, name):
+        try:
+            return self.registry.get(name).stream
+        except RpcError:
+            return False
+
+    def _run_stream(self, conn, stream):
+        try:
+            stream.run(conn)
+        except Exception:
+            log.exception('event stream failed')
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _call(self, conn, message):
+        """Run one request; return (answer or None for a notification, Stream or None)."""
+        if not isinstance(message, dict):
+            return error_response(None, _invalid_request('request must be an object')), None
+        is_notification = 'id' not in message
+        request_id = message.get('id')
+        if isinstance(request_id, bool) or not isinstance(request_id, (str, int, type(None))):
+            return error_response(None, _invalid_request('invalid id')), None
+        self._active_calls += 1
+        self._idle.clear()
+        try:
+            result = self._dispatch(conn, message)
+        except RpcError as exc:
+            return (None if is_notification else error_response(request_id, exc)), None
+        except Exception:
+            log.exception('rpc method %s failed', message.get('method'))
+            error = RpcError.of(INTERNAL_ERROR, 'internal', 'internal error')
+            return (None if is_notification else error_response(request_id, error)), None
+        finally:
+            self._active_calls -= 1
+            if self._active_calls == 0:
+                self._idle.set()
+        stream = None
+        if isinstance(result, Stream):
+            stream, result = result, result.result
+        if is_notification:
+            return None, None  # a notification never streams: there is no answer to follow
+        return response(request_id, result), stream
+
+    def _dispatch(self, conn, message):
+        if message.get('jsonrpc') != '2.0':
+            raise _invalid_request("'jsonrpc' must be \"2.0\"")
+        name = message.get('method')
+        if not isinstance(name, str):
+            raise _invalid_request("'method' must be a string")
+        method = self.registry.get(name)
+        params = message.get('params', {})
+        if params is None:
+            params = {}
+        if isinstance(params, list):
+            raise invalid_params('params must be an object, not an array')
+        if not isinstance(params, dict):
+            raise _invalid_request("'params' must be an object")
+        ctx = CallContext(self, conn)
+        if method.session == 'required' and ctx.session is None:
+            raise RpcError.of(AUTH_ERROR, 'no_session', 'no session token')
+        bound = method.bind(ctx, params)
+        return method.fn(*bound.args, **bound.kwargs)
+
+    # -- built-in methods --------------------------------------------------------------
+
+    def _register_builtins(self):
+        registry = self.registry
+
+        @registry.method('rpc.list', result='{api, methods:[{name, help, params, result, session}]}')
+        def rpc_list(ctx):
+            """List every method with its one-line help, parameters and session requirement."""
+            return {'api': 'v1', 'methods': registry.describe()}
+
+        @registry.method('auth', result='{ok}')
+        def auth(ctx, token: str):
+            """Authenticate a TCP connection with the local token (accepted on the Unix socket)."""
+            expected = self._tcp_token or ''
+            if not (expected and hmac.compare_digest(token.encode('utf-8'),
+                                                      expected.encode('utf-8'))):
+                log.warning('ipc_auth_failed', extra={'fields': {'transport': ctx.conn.transport}})
+                if ctx.conn.transport == 'tcp':
+                    ctx.conn.authenticated = False
+                raise RpcError.of(AUTH_ERROR, 'invalid_token', 'invalid bearer token')
+            ctx.conn.authenticated = True
+            return {'ok': True}
+
+
+def _invalid_request(message):
+    return RpcError.of(INVALID_REQUEST, 'invalid_request', message)
+
+
+def peer_uid(sock):
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i'))
+    _pid, uid, _gid = struct.unpack('3i', creds)
+    return uid
+
+
+def is_socket_live(path, timeout=2.0):
+    """True when something accepts connections on the Unix socket at `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def bind_unix_socket(path):
+    """A listening Unix socket at `path`, mode 0600 from the instant it exists.
+
+    A file already at `path` is unlinked only when nothing answers on it: the caller holds
+    the daemon's lock, so a live answer means a foreign process and we refuse to take over.
+    """
+    if os.path.lexists(path):
+        if is_socket_live(path):
+            raise OSError(errno.EADDRINUSE, 'a live process answers on %s' % path)
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(previous)
+    try:
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)  # second guard; the umask already did it
+    except OSError as exc:
+        log.warning('uds_chmod_failed', extra={'fields': {'err': str(exc)}})
+    sock.listen(LISTEN_BACKLOG)
+    return sock

@@ -1,0 +1,126 @@
+"""Schema migrations of meshd.db, numbered by `PRAGMA user_version` (DESIGN.md 5).
+
+Each migration is frozen SQL, deliberately independent of the models in storage.models: a
+later change to a model must not change what migration 1 created on an old database. A
+test checks that migrating from 0 gives the schema of `create_tables(MODELS)`.
+"""
+import logging
+import os
+import sqlite3
+
+from storage.db import StorageError, create_private_file, writing
+
+log = logging.getLogger(__name__)
+
+_INITIAL_SCHEMA = (
+    'CREATE TABLE "outbox" ("id" TEXT NOT NULL PRIMARY KEY, '
+    '"client_message_id" TEXT NOT NULL, "request_fingerprint" BLOB NOT NULL, '
+    '"payload" BLOB NOT NULL, "enqueued_at" INTEGER NOT NULL, '
+    '"attempts" INTEGER NOT NULL DEFAULT 0, "next_attempt_at" INTEGER NOT NULL, '
+    '"status" TEXT NOT NULL CHECK (status IN '
+    "('pending','inflight','done','dead','aborted')), "
+    '"last_error" TEXT, "delivered_at" INTEGER, "broker_message_id" TEXT, '
+    '"aborted_at" INTEGER, "aborted_by" TEXT, "superseded_by" TEXT, "mesh" TEXT NOT NULL, '
+    '"target_spec" TEXT NOT NULL, "nonce" TEXT NOT NULL, "ciphertext" TEXT NOT NULL, '
+    '"priority" TEXT, "sender_session_pubkey" TEXT, "expires_at" INTEGER NOT NULL)',
+    'CREATE UNIQUE INDEX "outbox_client_message_id" ON "outbox" ("client_message_id")',
+    'CREATE INDEX "outbox_pending" ON "outbox" ("status", "next_attempt_at")',
+    'CREATE INDEX "outbox_aborted" ON "outbox" ("status", "aborted_at") '
+    "WHERE status = 'aborted'",
+
+    'CREATE TABLE "inbox" ("id" TEXT NOT NULL PRIMARY KEY, '
+    '"client_message_id" TEXT NOT NULL, "broker_message_id" TEXT, "mesh" TEXT NOT NULL, '
+    '"topic" TEXT, "sender_pubkey" TEXT NOT NULL, "sender_name" TEXT NOT NULL, "body" TEXT, '
+    '"meta" TEXT, "received_at" INTEGER NOT NULL, "reply_to_id" TEXT, "seen_at" INTEGER, '
+    '"recipient_pubkey" TEXT, "recipient_kind" TEXT, '
+    '"decrypt_failed" INTEGER NOT NULL DEFAULT 0)',
+    'CREATE INDEX "inbox_received_at" ON "inbox" ("received_at")',
+    'CREATE INDEX "inbox_topic" ON "inbox" ("topic")',
+    'CREATE INDEX "inbox_sender" ON "inbox" ("sender_pubkey")',
+    'CREATE INDEX "inbox_seen_at" ON "inbox" ("seen_at")',
+    'CREATE INDEX "inbox_recipient" ON "inbox" ("recipient_pubkey")',
+    'CREATE UNIQUE INDEX "inbox_dedupe" ON "inbox" ("client_message_id", "recipient_pubkey")',
+
+    'CREATE TABLE "sessions" ("token" TEXT NOT NULL PRIMARY KEY, '
+    '"session_id" TEXT NOT NULL, "mesh" TEXT NOT NULL, "display_name" TEXT NOT NULL, '
+    '"pid" INTEGER NOT NULL, "cwd" TEXT, "role" TEXT, "groups" TEXT, "start_time" TEXT, '
+    '"registered_at" INTEGER NOT NULL)',
+    'CREATE INDEX "sessions_session_id" ON "sessions" ("session_id")',
+
+    'CREATE TABLE "idempotency" ("client_message_id" TEXT NOT NULL PRIMARY KEY, '
+    '"request_fingerprint" BLOB NOT NULL, "outbox_id" TEXT NOT NULL, '
+    '"created_at" INTEGER NOT NULL)',
+
+    'CREATE TABLE "events" ("seq" INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, '
+    '"epoch" TEXT NOT NULL, "kind" TEXT NOT NULL, "ts" TEXT NOT NULL, "mesh" TEXT, '
+    '"recipient_kind" TEXT, "recipient_pubkey" TEXT, "data" TEXT NOT NULL)',
+    'CREATE INDEX "events_recipient" ON "events" ("recipient_pubkey")',
+)
+
+
+def _create_initial(database):
+    for statement in _INITIAL_SCHEMA:
+        database.execute_sql(statement)
+
+
+MIGRATIONS = [(1, _create_initial)]
+HEAD = MIGRATIONS[-1][0]
+
+
+class SchemaTooNewError(StorageError):
+    """The database was written by a newer meshd than this one."""
+
+    def __init__(self, found, head):
+        self.found = found
+        self.head = head
+        super().__init__('database schema version %d is newer than this meshd supports (%d); '
+                         'upgrade meshd or move the database aside' % (found, head))
+
+
+def schema_version(database):
+    """The database's `PRAGMA user_version`."""
+    return database.execute_sql('PRAGMA user_version').fetchone()[0]
+
+
+def backup_path(path, version):
+    """Where the copy taken before migrating from `version` goes."""
+    return '%s.pre-migration-v%d' % (path, version)
+
+
+def _copy_aside(database, path, version):
+    """Copy the database with SQLite's online backup, which includes committed WAL pages."""
+    target = backup_path(path, version)
+    if os.path.exists(target):
+        os.unlink(target)
+    create_private_file(target)
+    dest = sqlite3.connect(target)
+    try:
+        database.connection().backup(dest)
+    finally:
+        dest.close()
+    return target
+
+
+def migrate(database, path):
+    """Bring the database at `path` to HEAD; return (from_version, to_version).
+
+    The file is copied aside before the first migration runs on a database that already
+    has a schema. A schema newer than HEAD raises SchemaTooNewError and changes nothing.
+    """
+    found = schema_version(database)
+    if found > HEAD:
+        raise SchemaTooNewError(found, HEAD)
+    if found == HEAD:
+        return found, found
+    has_tables = database.execute_sql(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+    if found > 0 or has_tables:
+        copy = _copy_aside(database, path, found)
+        log.info('database copied aside before migration: %s', copy)
+    for number, step in MIGRATIONS:
+        if number <= found:
+            continue
+        with writing(database):
+            step(database)
+            database.execute_sql('PRAGMA user_version = %d' % number)
+    return found, HEAD
