@@ -129,8 +129,11 @@ def _valid_presence(presence):
             and not isinstance(expires, bool) and isinstance(signature, str)
             and _HEX128.match(signature)):
         return None
-    if crypto.public_from_secret(sec.lower()) != pub.lower():
-        return None  # the secret key must belong to the announced public key
+    try:
+        if crypto.public_from_secret(sec.lower()) != pub.lower():
+            return None  # the secret key must belong to the announced public key
+    except ValueError:
+        return None
     return {'session_pubkey': pub.lower(), 'session_secret_key': sec.lower(),
             'parent_attestation': {'session_pubkey': att_pub.lower(),
                                    'parent_member_pubkey': parent.lower(),

@@ -277,9 +277,12 @@ class Daemon:
 
     def _fresh_presence(self, mesh, session_id):
         keypair = keystore.load_or_create(self.paths, mesh['slug'], session_id)
-        attestation = crypto.make_attestation(mesh['pubkey'], mesh['secretKey'],
-                                              keypair.public_key,
-                                              now_ms() + ATTESTATION_TTL_MS)
+        wire = crypto.make_attestation(mesh['pubkey'], mesh['secretKey'], keypair.public_key,
+                                       now_ms() + ATTESTATION_TTL_MS)
+        # The local API names fields in snake_case; the wire's camelCase is for broker links.
+        attestation = {'session_pubkey': wire['sessionPubkey'],
+                       'parent_member_pubkey': wire['parentMemberPubkey'],
+                       'expires_at': wire['expiresAt'], 'signature': wire['signature']}
         return {'session_pubkey': keypair.public_key, 'session_secret_key': keypair.secret_key,
                 'parent_attestation': attestation}
 

@@ -1,0 +1,30 @@
+"""meshd: install from a checkout into a dedicated virtual environment (never `pip install meshd`:
+PyPI's `meshd`, `rpc` and `storage` are unrelated projects; DESIGN.md 24)."""
+from setuptools import setup
+
+from meshd import __version__
+
+setup(
+    name='meshd',
+    version=__version__,
+    description='Per-user mesh daemon and self-hostable broker for AI coding-agent sessions',
+    license='MIT',
+    python_requires='>=3.9',
+    # Never py_modules=['meshd'] beside packages=['meshd']: meshd.py would shadow the package.
+    packages=['meshd', 'meshd.broker', 'rpc', 'storage'],
+    # Ranges admit Debian 12's packaged versions and current PyPI releases (DESIGN.md 7).
+    install_requires=[
+        'gevent>=22.10',
+        'gevent-websocket>=0.10.1',
+        'websocket-client>=1.2.3',
+        'PyNaCl>=1.5',
+        'peewee>=3.14',
+        'psutil>=5.9',
+        'argh>=0.26.2',
+    ],
+    extras_require={
+        'postgresql': ['psycopg2-binary>=2.9', 'psycogreen>=1.0'],
+        'test': ['nose2>=0.12'],
+    },
+    entry_points={'console_scripts': ['meshd = meshd.cli:main']},
+)
