@@ -1,0 +1,180 @@
+"""argh commands of `meshd broker` and `meshd broker-admin` (DESIGN.md 21, spec/wire.md §11.6–§11.7).
+
+Plain functions with keyword-only options, every option declared with `@argh.arg`, so they read
+the same under argh 0.26 and 0.31; they parse, call, print, and nothing else. The lead's
+`meshd/cli.py` registers `broker` as a command and ADMIN_COMMANDS as the `broker-admin` group.
+User errors are one line on stderr (`error: …`) and a non-zero exit status, never a traceback.
+This module does not patch gevent: the entry point has done it.
+"""
+import json
+import os
+import sys
+
+import argh
+
+from meshd.broker import admin as admin_ops
+from meshd.broker import store
+from meshd.exceptions import MeshdError
+
+ENV_DB = 'MESHD_BROKER_DB'
+ENV_BROKER_URL = 'MESHD_BROKER_URL'
+
+
+def _fail(message, status=1):
+    sys.stderr.write('error: %s\n' % message)
+    sys.exit(status)
+
+
+def _env_int(name, default):
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        _fail('%s must be an integer, not %r' % (name, value), 2)
+
+
+def _default_listen():
+    port = os.environ.get('BROKER_PORT')
+    return '127.0.0.1:%s' % port if port else '127.0.0.1:7900'
+
+
+@argh.arg('--listen', help='HOST:PORT to bind (default 127.0.0.1:7900, or $BROKER_PORT)')
+@argh.arg('--db', help='database path, sqlite:///path or postgresql://… (default $MESHD_BROKER_DB '
+                       'or ~/.meshd/broker/broker.db)')
+@argh.arg('--rate-limit', help='per-member send limit BURST:PER_MIN, or off (default 60:600)')
+@argh.arg('--dm-ttl', help='how long a DM waits for an offline recipient: <n>d, <n>h, <n>m or '
+                           'seconds (default 7d)')
+@argh.arg('--max-message-bytes', help='soft frame limit answered with an error (default 65536)')
+@argh.arg('--max-frame-bytes', help='hard frame limit, closed with 1009 (default 1048576)')
+@argh.arg('--max-connections-per-mesh', help='presences per mesh (default 100)')
+def broker(*, listen=None, db=None, rate_limit='60:600', dm_ttl='7d', max_message_bytes=None,
+           max_frame_bytes=None, max_connections_per_mesh=None):
+    """Run the meshd broker in the foreground (SIGTERM closes every socket with 1001)."""
+    from meshd.broker.server import BrokerServer
+    try:
+        server = BrokerServer(
+            listen=listen or _default_listen(), db=db or os.environ.get(ENV_DB) or None,
+            rate_limit=rate_limit, dm_ttl=dm_ttl,
+            max_message_bytes=int(max_message_bytes) if max_message_bytes
+            else _env_int('MAX_MESSAGE_BYTES', 65536),
+            max_frame_bytes=int(max_frame_bytes) if max_frame_bytes else 1048576,
+            max_connections_per_mesh=int(max_connections_per_mesh) if max_connections_per_mesh
+            else _env_int('MAX_CONNECTIONS_PER_MESH', 100))
+        server.run()
+    except (MeshdError, ValueError) as exc:
+        _fail(str(exc), 2)
+    except OSError as exc:
+        _fail('cannot listen on %s: %s' % (listen or _default_listen(), exc.strerror or exc), 1)
+
+
+def _admin(db, operation, *args, **kwargs):
+    """Open the database as its owner, run one admin operation, print its JSON, close."""
+    url = db or os.environ.get(ENV_DB) or None
+    try:
+        admin_ops.check_owner(url)
+        store.open_store(url)
+        try:
+            with store.connection():
+                return operation(*args, **kwargs)
+        finally:
+            store.close_store()
+    except MeshdError as exc:
+        _fail(str(exc))
+
+
+def _print(result):
+    sys.stdout.write(json.dumps(result, separators=(',', ':'), ensure_ascii=False) + '\n')
+
+
+@argh.arg('--name', help='mesh name')
+@argh.arg('--slug', help='mesh slug (default: derived from the name)')
+@argh.arg('--admin-pubkey', help='Ed25519 pubkey (64 hex) of an admin member to create')
+@argh.arg('--admin-name', help='display name of that admin member (default <name>-owner)')
+@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+def create_mesh(*, name=None, slug=None, admin_pubkey=None, admin_name=None, db=None):
+    """Create a mesh with a fresh owner keypair and root key."""
+    _print(_admin(db, admin_ops.create_mesh, name, slug=slug, admin_pubkey=admin_pubkey,
+                  admin_name=admin_name))
+
+
+@argh.arg('--mesh', help='mesh slug or id')
+@argh.arg('--pubkey', help='the member\'s Ed25519 pubkey (64 hex)')
+@argh.arg('--name', help='display name')
+@argh.arg('--role', help='member or admin (default member)')
+@argh.arg('--role-tag', help='role tag shown to peers')
+@argh.arg('--groups', help='default groups G[:ROLE],…')
+@argh.arg('--broker-url', help='broker URL to echo into the output')
+@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+def add_member(*, mesh=None, pubkey=None, name=None, role='member', role_tag=None, groups=None,
+               broker_url=None, db=None):
+    """Register an existing Ed25519 pubkey as a member of a mesh."""
+    if not mesh or not pubkey:
+        _fail('--mesh and --pubkey are required')
+    _print(_admin(db, admin_ops.add_member, mesh, pubkey, name, role=role, role_tag=role_tag,
+                  groups=groups, broker_url=broker_url))
+
+
+@argh.arg('--mesh', help='mesh slug or id')
+@argh.arg('--broker-url', help='ws:// or wss:// URL ending in /ws (default $MESHD_BROKER_URL)')
+@argh.arg('--role', help='member or admin (default member)')
+@argh.arg('--expires', help='lifetime: <n>d, <n>h, <n>m or seconds (default 7d)')
+@argh.arg('--max-uses', help='how many joins the link allows (default 1)')
+@argh.arg('--name', help='display name preset for the joiner')
+@argh.arg('--role-tag', help='role tag preset')
+@argh.arg('--groups', help='groups preset G[:ROLE],…')
+@argh.arg('--code', help='also mint an 8-character invite code', action='store_true', default=False)
+@argh.arg('--json', help='print a JSON object instead of the bare link', action='store_true',
+          default=False)
+@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+def invite(*, mesh=None, broker_url=None, role='member', expires='7d', max_uses=1, name=None,
+           role_tag=None, groups=None, code=False, json=False, db=None):
+    """Mint a v1 ic://join/ invite link."""
+    if not mesh:
+        _fail('--mesh is required')
+    try:
+        seconds = admin_ops.parse_expiry(expires)
+        uses = int(max_uses)
+    except (MeshdError, ValueError) as exc:
+        _fail(str(exc) if isinstance(exc, MeshdError) else '--max-uses must be an integer')
+    result = _admin(db, admin_ops.invite, mesh, broker_url or os.environ.get(ENV_BROKER_URL),
+                    role=role, expires=seconds, max_uses=uses, name=name, role_tag=role_tag,
+                    groups=groups, code=code)
+    if json:
+        _print(result)
+    else:
+        sys.stdout.write(result['link'] + '\n')
+
+
+@argh.named('list')
+@argh.arg('--mesh', help='list the members of this mesh instead of the meshes')
+@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+def list_meshes(*, mesh=None, db=None):
+    """List meshes, or the members of one mesh."""
+    _print(_admin(db, admin_ops.list_, mesh))
+
+
+@argh.arg('--mesh', help='mesh slug or id')
+@argh.arg('--member', help='member pubkey or id')
+@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+def revoke_member(*, mesh=None, member=None, db=None):
+    """Revoke a member (a running broker closes its sockets with 4002 within one sweep)."""
+    if not mesh or not member:
+        _fail('--mesh and --member are required')
+    _print(_admin(db, admin_ops.revoke_member, mesh, member))
+
+
+@argh.arg('--mesh', help='mesh slug or id')
+@argh.arg('--member', help='the recipient member (pubkey or id) whose grants change')
+@argh.arg('--sender', help='the sender pubkey the grant is about')
+@argh.arg('--caps', help='dm,broadcast,… or none (block) or default (remove the entry)')
+@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+def grant(*, mesh=None, member=None, sender=None, caps=None, db=None):
+    """Edit a member's per-sender grants."""
+    if not mesh or not member or not sender or not caps:
+        _fail('--mesh, --member, --sender and --caps are required')
+    _print(_admin(db, admin_ops.grant, mesh, member, sender, caps))
+
+
+ADMIN_COMMANDS = [create_mesh, add_member, invite, list_meshes, revoke_member, grant]
