@@ -10,13 +10,13 @@ import re
 import uuid
 
 import gevent.queue
-from rpc.protocol import (AUTH_ERROR, CONFLICT, INVALID_REQUEST, NOT_FOUND, RpcError,
-                          invalid_params, notification)
+from rpc.protocol import (AUTH_ERROR, CONFLICT, INVALID_REQUEST, NOT_FOUND, UPSTREAM_ERROR,
+                          RpcError, invalid_params, notification)
 from rpc.server import Stream
 from storage import db as storage_db
 from storage.models import OUTBOX_STATUSES, Idempotency, Inbox, Outbox, now_ms
 
-from meshd import crypto
+from meshd import crypto, send as send_mod
 from meshd.log import iso_from_ms
 from meshd.sessions import SessionInfo
 
@@ -107,6 +107,57 @@ def daemon_health(ctx):
 def daemon_reload(ctx):
     """Re-read config.json: attach meshes newly listed, detach meshes no longer listed."""
     return ctx.app.reload_config()
+
+
+def meshes_list(ctx):
+    """Every joined mesh (without secret keys) with its member link's status and state."""
+    app = ctx.app
+    meshes = []
+    for slug in sorted(app.meshes):
+        entry = app.meshes[slug]
+        link = app.links.get(slug)
+        meshes.append({'slug': slug, 'name': entry.get('name'), 'mesh_id': entry.get('meshId'),
+                       'member_id': entry.get('memberId'), 'pubkey': entry.get('pubkey'),
+                       'broker_url': entry.get('brokerUrl'), 'joined_at': entry.get('joinedAt'),
+                       'display_name': entry.get('displayName'),
+                       'status': link.status if link else 'closed',
+                       'state': link.state if link else 'ok'})
+    return {'meshes': meshes}
+
+
+# -- messaging -------------------------------------------------------------------------
+
+def send(ctx, to: str = None, message: str = None, mesh: str = None, priority: str = None,
+         meta: dict = None, reply_to_id: str = None, client_message_id: str = None,
+         ttl: int = None):
+    """Queue a message durably (DM, @group or * broadcast); answers once it is in the outbox."""
+    return send_mod.send(ctx, to, message, mesh=mesh, priority=priority, meta=meta,
+                         reply_to_id=reply_to_id, client_message_id=client_message_id, ttl=ttl)
+
+
+def peers_list(ctx, mesh: str = None):
+    """The peers of one mesh (default: the session's) or of every joined mesh, concurrently."""
+    app = ctx.app
+    slug = _mesh_from_ctx(ctx, mesh)
+    if slug is not None and slug not in app.meshes:
+        raise RpcError.of(NOT_FOUND, 'mesh_not_attached', 'mesh not attached: %s' % slug,
+                          mesh=slug)
+    slugs = [slug] if slug is not None else sorted(app.meshes)
+    rosters = send_mod.read_rosters(app, slugs)
+    peers, unreachable = [], []
+    for name in slugs:
+        roster = rosters[name]
+        if roster is None:
+            unreachable.append(name)
+            log.warning('ipc_peers_broker_failed', extra={'fields': {
+                'mesh': name, 'err': 'broker unreachable'}})
+            continue
+        peers.extend(dict(peer, mesh=name) for peer in roster if isinstance(peer, dict))
+    if slugs and len(unreachable) == len(slugs):
+        raise RpcError.of(UPSTREAM_ERROR, 'broker_unreachable', 'no broker answered',
+                          detail='unreachable: %s' % ', '.join(unreachable),
+                          unreachable=unreachable)
+    return {'peers': peers, 'unreachable': unreachable}
 
 
 # -- sessions --------------------------------------------------------------------------
@@ -404,6 +455,12 @@ _METHODS = [
      {'result': '{ok, pid, epoch, tcp, brokers:{slug:{status, state, detail, retry_at}}, '
                 'sessions:{token_prefix:{status, state}}}'}),
     ('daemon.reload', daemon_reload, {'result': '{ok, attached, detached, meshes}'}),
+    ('meshes.list', meshes_list, {'result': '{meshes:[{slug, name, mesh_id, member_id, pubkey, '
+                                            'broker_url, joined_at, display_name, status, state}]}'}),
+    ('send', send, {'session': 'optional', 'params_limit': 256 * KIB,
+                    'result': '{client_message_id, status, duplicate, broker_message_id, mesh, '
+                              'target_spec, expires_at, recipient_name, recipient_online}'}),
+    ('peers.list', peers_list, {'session': 'optional', 'result': '{peers:[…], unreachable}'}),
     ('sessions.register', sessions_register,
      {'result': '{ok, registered_at, presence_accepted}'}),
     ('sessions.deregister', sessions_deregister, {'result': '{ok, token_prefix}'}),

@@ -432,18 +432,197 @@ def sessions(*, json=False):
                                                   row['mesh'], row['pid'], presence))
 
 
+# -- messaging -------------------------------------------------------------------------
+
+@argh.arg('to', help='recipient: 64-hex key, hex prefix, display name, @group, * or @all')
+@argh.arg('message', nargs='+', help='the message; - reads it from stdin')
+@argh.arg('--mesh', default=None, help='the mesh to send on')
+@argh.arg('--priority', default=None, choices=('now', 'next', 'low'), help='delivery priority')
+@argh.arg('--ttl', default=None, type=int, help='seconds the message may wait (default 7 days)')
+@argh.arg('--client-message-id', default=None, help='idempotency key (a retry reuses it)')
+@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+def send(to, *message, mesh=None, priority=None, ttl=None, client_message_id=None, json=False):
+    """Send a message; it is durable in the outbox when this returns."""
+    text = ' '.join(message)
+    if text == '-':
+        text = sys.stdin.read()
+    if not to.strip() or not text:
+        fail('Usage: meshd send <to> <message…>')
+    params = {'to': to, 'message': text}
+    for key, value in (('mesh', mesh), ('priority', priority), ('ttl', ttl),
+                       ('client_message_id', client_message_id)):
+        if value is not None:
+            params[key] = value
+    paths = Paths()
+    client = _client(paths, timeout=8.0)
+    try:
+        _attach(client)
+        result = client.call('send', params)
+    except RpcCallError as exc:
+        _send_failed(exc, to, mesh, json)
+    except RpcConnectionError as exc:
+        fail('✘ daemon not reachable — %s (check %s)' % (exc, paths.log))
+    finally:
+        client.close()
+    message_id = result.get('broker_message_id') or result['client_message_id']
+    if json:
+        _print_json({'ok': True, 'messageId': message_id, 'target': result['target_spec'],
+                     'via': 'daemon', 'duplicate': result['duplicate'],
+                     'status': result['status'], 'recipientOnline': result['recipient_online'],
+                     'expiresAt': result['expires_at']})
+        return
+    target = result.get('recipient_name') or result['target_spec'][:16] + '…'
+    if result['recipient_online'] is False:
+        print('⚠ queued for %s — no connected peer matches this key on "%s"; it waits until %s.'
+              % (target, result['mesh'], result['expires_at']))
+    elif result['recipient_online']:
+        print('✔ sent to %s (%s…) (online)  %s' % (target, result['target_spec'][:16],
+                                                  message_id[:8]))
+    else:
+        print('✔ sent to %s (daemon)  %s' % (to, message_id[:8]))
+
+
+def _send_failed(exc, to, mesh, as_json):
+    if as_json:
+        _print_json({'ok': False, 'error': exc.error.get('message'), 'code': exc.slug,
+                     'via': 'daemon'})
+        sys.exit(1)
+    data = exc.data
+    lines = [exc.error.get('message')]
+    if exc.slug == 'peer_not_found':
+        lines.append('Check `meshd peers` (add --mesh <slug> to scope).')
+    elif exc.slug in ('mesh_required', 'ambiguous') and data.get('candidates'):
+        lines.append('candidates: ' + ', '.join(
+            '%s %s… @%s' % (c.get('display_name'), (c.get('pubkey') or '')[:12], c.get('mesh'))
+            for c in data['candidates']))
+    elif exc.slug == 'mesh_required':
+        lines.append('joined meshes: %s — pick one with --mesh' % ', '.join(
+            data.get('attached') or data.get('meshes') or []))
+    print('\n'.join('send failed (daemon): %s' % lines[0:1][0] if i == 0 else line
+                    for i, line in enumerate(lines)), file=sys.stderr)
+    sys.exit(1)
+
+
+@argh.arg('--mesh', default=None, help='only this mesh')
+@argh.arg('--all', default=False, action='store_true', help='also show daemon (control-plane) rows')
+@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+def peers(*, mesh=None, all=False, json=False):  # noqa: A002 - the flag is --all
+    """List the peers of your meshes."""
+    paths = Paths()
+    params = {'mesh': mesh} if mesh else {}
+    result = _call(paths, 'peers.list', params)
+    rows = [p for p in result['peers'] if all or p.get('peerRole') != 'control-plane']
+    if json:
+        _print_json(rows)
+        return
+    by_mesh = {}
+    for peer in rows:
+        by_mesh.setdefault(peer['mesh'], []).append(peer)
+    hidden = len(result['peers']) - len(rows)
+    for slug in sorted(by_mesh) or ['(none)']:
+        group = by_mesh.get(slug, [])
+        print('peers on %s (%d%s)' % (slug, len(group),
+                                      ', %d control-plane hidden — use --all' % hidden
+                                      if hidden else ''))
+        for peer in group:
+            print('● %s · %s… · %s' % (peer.get('displayName'), str(peer.get('pubkey'))[:16],
+                                        peer.get('status')))
+    for slug in result.get('unreachable', []):
+        print('mesh %s: broker unreachable' % slug)
+
+
+# -- meshes ----------------------------------------------------------------------------
+
+@argh.arg('link', help='the invite link (ic://join/…)')
+@argh.arg('--name', default=None, help='your display name on this mesh')
+@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+def join(link, *, name=None, json=False):
+    """Join a mesh with an invite link; a running daemon attaches it at once."""
+    from meshd import membership
+    from meshd.exceptions import MeshdError
+    paths = Paths()
+    try:
+        entry, warnings, reloaded = membership.join(paths, link, name)
+    except MeshdError as exc:
+        fail('✘ join failed: %s' % exc, 2 if isinstance(exc, ConfigError) else 1)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    if json:
+        _print_json({'ok': True, 'mesh': entry, 'daemon_reloaded': reloaded is not None})
+    else:
+        print('✔ joined %s' % entry['slug'])
+
+
+@argh.arg('slug', help='the mesh to leave')
+def leave(slug):
+    """Leave a mesh (removes it from config.json; a running daemon detaches it)."""
+    from meshd import membership
+    from meshd.exceptions import MeshdError
+    try:
+        membership.leave(Paths(), slug)
+    except MeshdError as exc:
+        fail(str(exc), 2 if isinstance(exc, ConfigError) else 1)
+    print('✔ left %s' % slug)
+
+
+@argh.arg('path', nargs='?', default=None,
+          help='claudemesh config.json (default ~/.claudemesh/config.json)')
+def import_claudemesh(path):
+    """Copy the meshes of a claudemesh config into meshd's config."""
+    from meshd import membership
+    from meshd.exceptions import MeshdError
+    source = path or os.path.join(os.path.expanduser('~'), '.claudemesh', 'config.json')
+    try:
+        slugs, _reloaded = membership.import_claudemesh(Paths(), source)
+    except MeshdError as exc:
+        fail(str(exc))
+    print('✔ imported %s' % ', '.join(slugs))
+
+
+@argh.arg('command', nargs='*', help='the agent to run (default: claude), after --')
+@argh.arg('--name', default=None, help='display name of the session')
+@argh.arg('--mesh', default=None, help='the mesh to bind the session to')
+@argh.arg('--role', default=None, help='role shown to peers')
+@argh.arg('--groups', default=None, help='groups NAME[:ROLE],…')
+@argh.arg('--resume', default=None, help='the session UUID to resume (keeps its keypair)')
+def launch(*command, name=None, mesh=None, role=None, groups=None, resume=None):
+    """Run an agent as a registered session until it exits."""
+    from meshd import launch as launch_mod
+    from meshd.exceptions import MeshdError
+    try:
+        status_code = launch_mod.run(Paths(), list(command) or ['claude'], mesh=mesh, name=name,
+                                     role=role, groups=groups, resume=resume,
+                                     out=lambda line: print(line, file=sys.stderr))
+    except MeshdError as exc:
+        fail('✘ launch: %s' % exc, 2 if isinstance(exc, ConfigError) else 1)
+    sys.exit(status_code)
+
+
+def quickstart():
+    """Start a local broker and two daemons (alice, bob) and send a DM between them."""
+    from meshd import quickstart as quickstart_mod
+    sys.exit(quickstart_mod.main(_entry_command(), Paths().home))
+
+
 # -- assembly --------------------------------------------------------------------------
 
 def build_parser():
     parser = argh.ArghParser(prog='meshd', description='meshd: messages between agent '
                              'sessions across machines, through a claudemesh-protocol broker.')
     parser.add_argument('--version', action='version', version='meshd %s' % __version__)
-    parser.add_commands([call, inbox, outbox, sessions])
+    from meshd.broker import cli as broker_cli
+    parser.add_commands([quickstart, send, peers, inbox, outbox, sessions, call, join, leave,
+                         import_claudemesh, launch, broker_cli.broker])
     add_group(parser, 'daemon', [up, down, status, accept_host], 'run and control the daemon')
+    add_group(parser, 'broker-admin', broker_cli.ADMIN_COMMANDS,
+              "administer a meshd broker's database")
     return parser
 
 
 def main(argv=None):
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ['broker']:
+        meshd_log.setup(debug=bool(os.environ.get('MESHD_DEBUG')))
     parser = build_parser()
     try:
         parser.dispatch(argv=argv)

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 
 import gevent
@@ -25,6 +26,8 @@ from storage.models import Outbox, now_ms
 from meshd import (__version__, api, config as config_mod, container, crypto, files,
                    fingerprint, keystore, procs, systemd, timings)
 from meshd.bus import EventBus
+from meshd.drain import Drain
+from meshd.links import MemberLink, SessionLink
 from meshd.exceptions import ConfigError
 from meshd.pidfile import AlreadyRunning, PidLock
 from meshd.pruner import Pruner
@@ -39,6 +42,17 @@ DEFAULT_TIMINGS = {
     'events_keepalive': 15.0,
     'shutdown_grace': 5.0,
     'supervisor_backoff_max': 30.0,
+    'drain_poll': 0.5,
+    'drain_window': 16,
+    'outbox_ttl': 7 * 24 * 3600.0,
+    'link_hello_timeout': 5.0,
+    'link_ping_interval': 30.0,
+    'link_stale_after': 75.0,
+    'link_ack_timeout': 15.0,
+    'link_rpc_timeout': 5.0,
+    'link_backoff_scale': 1.0,
+    'clock_check_interval': 2.0,
+    'clock_jump_threshold': 10.0,
 }
 ATTESTATION_TTL_MS = 12 * 3600 * 1000
 
@@ -73,6 +87,7 @@ class Daemon:
         self.links = {}            # slug -> member link (broker links arrive with the links issue)
         self.session_links = {}    # token -> session link
         self.drain_wakeup = gevent.event.Event()
+        self.drain = None
         self._stop = gevent.event.Event()
         self._wake = gevent.event.Event()
         self._reload_requested = False
@@ -119,8 +134,13 @@ class Daemon:
         self.meshes = {mesh['slug']: mesh for mesh in self.config['meshes']}
         if not self.meshes:
             log.info('no_mesh_joined')
+        for slug in sorted(self.meshes):
+            self._attach_mesh(slug)
+        self.drain = Drain(self)
+        self.spawn('drain', self.drain.run, self._stop)
         pruner = Pruner(self.bus)
         self.spawn('pruner', self._every, 'prune_interval', pruner.step)
+        self.spawn('clock', self._watch_clock)
         self.registry.on_register.append(self._on_session_registered)
         self.registry.on_deregister.append(self._on_session_deregistered)
         reaper = Reaper(self.registry)
@@ -214,6 +234,10 @@ class Daemon:
     # -- sessions ----------------------------------------------------------------------
 
     def register_session(self, info):
+        """Register a session from the API; its presented keypair is kept for rehydration."""
+        if info.presence is not None:
+            keystore.remember(self.paths, info.mesh, info.session_id, info.session_pubkey,
+                              info.presence['session_secret_key'])
         return self.registry.register(info)
 
     def member_pubkey(self, slug):
@@ -224,18 +248,57 @@ class Daemon:
         log.info('session_registered', extra={'fields': {
             'sessionId': info.session_id, 'mesh': info.mesh, 'pid': info.pid,
             'presence': 'yes' if info.presence else 'no'}})
-        if info.presence is not None and info.mesh not in self.meshes:
-            log.warning('session_broker_no_mesh_config', extra={'fields': {'mesh': info.mesh}})
+        self._open_session_link(info)
+        self.wake_drain()
         self._publish('system', {'event': 'session_registered', 'mesh': info.mesh,
                                  'session_id': info.session_id,
                                  'display_name': info.display_name,
                                  'token_prefix': info.token_prefix})
 
     def _on_session_deregistered(self, info):
+        link = self.session_links.pop(info.token, None)
+        if link is not None:
+            link.close()
         self._publish('system', {'event': 'session_deregistered', 'mesh': info.mesh,
                                  'session_id': info.session_id,
                                  'display_name': info.display_name,
                                  'token_prefix': info.token_prefix})
+
+    def _open_session_link(self, info):
+        """Close any link of the same token or session key, then open this session's link."""
+        if info.presence is None:
+            return
+        mesh = self.meshes.get(info.mesh)
+        if mesh is None:
+            log.warning('session_broker_no_mesh_config', extra={'fields': {'mesh': info.mesh}})
+            return
+        previous = self.session_links.pop(info.token, None)
+        if previous is not None:
+            previous.close()
+        pubkey = info.session_pubkey
+        for token, link in list(self.session_links.items()):
+            if link.pubkey == pubkey:
+                # One presence per session key: a ghost would steal the session's DMs (1.35.0).
+                del self.session_links[token]
+                link.close()
+        self.session_links[info.token] = SessionLink(self, mesh, info).start()
+
+    def session_link_by_pubkey(self, pubkey):
+        for link in self.session_links.values():
+            if link.pubkey == pubkey:
+                return link
+        return None
+
+    def is_own_pubkey(self, pubkey, slug=None):
+        """The member key of a joined mesh, or a live session key of this daemon."""
+        pubkey = pubkey.lower()
+        meshes = [self.meshes[slug]] if slug in self.meshes else list(self.meshes.values())
+        if any(mesh['pubkey'].lower() == pubkey for mesh in meshes):
+            return True
+        return any(link.pubkey == pubkey for link in self.session_links.values())
+
+    def publish_event(self, kind, data):
+        self._publish(kind, data)
 
     def _publish(self, kind, data):
         if self.bus is None:
@@ -313,10 +376,34 @@ class Daemon:
                 'meshes': sorted(self.meshes)}
 
     def _attach_mesh(self, slug):
-        self._publish('broker_status', {'mesh': slug, 'status': 'attached'})
+        """Start the member link of `slug`, and session links of its registered sessions."""
+        self.links[slug] = MemberLink(self, self.meshes[slug]).start()
+        for info in self.registry.all():
+            if info.mesh == slug and info.token not in self.session_links:
+                self._open_session_link(info)
 
     def _detach_mesh(self, slug):
-        self._publish('broker_status', {'mesh': slug, 'status': 'detached'})
+        """Close the member link of `slug` and the session links bound to it."""
+        link = self.links.pop(slug, None)
+        if link is not None:
+            link.close()
+        for token, session_link in list(self.session_links.items()):
+            if session_link.mesh['slug'] == slug:
+                del self.session_links[token]
+                session_link.close()
+
+    def _watch_clock(self):
+        """Reconnect every link at once when wall-clock time jumps (a laptop woke up)."""
+        interval = self.timings['clock_check_interval']
+        last_wall, last_mono = time.time(), time.monotonic()
+        while not self._stop.wait(interval):
+            wall, mono = time.time(), time.monotonic()
+            jump = (wall - last_wall) - (mono - last_mono)
+            last_wall, last_mono = wall, mono
+            if abs(jump) >= self.timings['clock_jump_threshold']:
+                log.info('clock_jump_detected', extra={'fields': {'jump_ms': int(jump * 1000)}})
+                for link in list(self.links.values()) + list(self.session_links.values()):
+                    link.reconnect_now('clock_jump')
 
     # -- API support -------------------------------------------------------------------
 

@@ -48,6 +48,41 @@ def _read_valid(path):
     return None
 
 
+def _write(path, record):
+    """Write `record` through an O_EXCL temporary file and a rename (0600 from creation)."""
+    files.ensure_private_dir(os.path.dirname(path))
+    tmp = '%s.%s.tmp' % (path, secrets.token_hex(6))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, files.PRIVATE_FILE)
+    with os.fdopen(fd, 'w') as handle:
+        json.dump(record, handle, separators=(',', ':'))
+    return tmp
+
+
+def _record(mesh, session_id, public, secret):
+    return {'version': 1, 'meshSlug': mesh, 'sessionId': session_id, 'publicKey': public,
+            'secretKey': secret, 'createdAt': iso_now()}
+
+
+def remember(paths, mesh, session_id, public, secret):
+    """Persist a keypair a client registered with, so a restart revives the same key.
+
+    Returns True when the file now holds this keypair. Invalid identifiers write nothing.
+    """
+    if not is_valid_identifiers(mesh, session_id):
+        return False
+    path = paths.session_keypair(mesh, session_id)
+    existing = _read_valid(path)
+    if existing is not None and existing.public_key == public:
+        return True
+    try:
+        os.rename(_write(path, _record(mesh, session_id, public, secret)), path)
+    except OSError as exc:
+        log.warning('session_keypair_write_failed', extra={'fields': {'mesh': mesh,
+                                                                      'err': str(exc)}})
+        return False
+    return True
+
+
 def load_or_create(paths, mesh, session_id):
     """The persisted keypair of (mesh, session_id), created on first use.
 
@@ -62,14 +97,8 @@ def load_or_create(paths, mesh, session_id):
     if existing is not None:
         return existing
     public, secret = crypto.generate_keypair()
-    record = {'version': 1, 'meshSlug': mesh, 'sessionId': session_id, 'publicKey': public,
-              'secretKey': secret, 'createdAt': iso_now()}
     try:
-        files.ensure_private_dir(os.path.dirname(path))
-        tmp = '%s.%s.tmp' % (path, secrets.token_hex(6))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, files.PRIVATE_FILE)
-        with os.fdopen(fd, 'w') as handle:
-            json.dump(record, handle, separators=(',', ':'))
+        tmp = _write(path, _record(mesh, session_id, public, secret))
         winner = _read_valid(path)
         if winner is not None:  # a concurrent launch wrote first: converge on its keypair
             os.unlink(tmp)

@@ -1,0 +1,177 @@
+"""The outbox drain: pending rows out through their link, a window of sends per link (spec §6).
+
+claudemesh sends one row at a time and sleeps 500 ms between passes, which caps delivery
+at a few dozen messages a second and lets one dead mesh stall every other. meshd hands each
+claimed row to a greenlet of its link, keeps up to `drain_window` sends in flight per link
+with acks matched by id, and never selects rows of a link that is not open, so one
+unreachable mesh or session delays only its own rows (DESIGN.md 15). Rows of one link are
+claimed and written in acceptance order. No network I/O happens inside a transaction.
+"""
+import logging
+import re
+
+import gevent
+import gevent.event
+from storage import db as storage_db
+from storage.models import Outbox, now_ms
+
+log = logging.getLogger(__name__)
+
+BATCH = 32
+INFLIGHT_LEASE_MS = 30000
+MAX_BACKOFF_MS = 300000
+RATE_LIMIT_RETRY_MS = 1000
+FRAME_LIMIT = 65536
+
+# One classifier for both link kinds (spec/daemon.md §5.3): these ack errors are final.
+_PERMANENT = re.compile(r'payload[ _]too[ _]large|forbidden|not_found|not_authorized|invalid|'
+                        r'schema|auth|signature|unknown|blocked by recipient grants', re.I)
+
+
+def is_permanent(error):
+    return bool(_PERMANENT.search(error or ''))
+
+
+def backoff_ms(attempts, retry_after_ms=0):
+    """min(5 min, 500 ms · 2^min(attempts, 12)), never sooner than a retry_after hint."""
+    return max(min(MAX_BACKOFF_MS, 500 * 2 ** min(attempts, 12)), retry_after_ms)
+
+
+class Drain:
+    """`step()` runs one pass; `run()` loops until the daemon stops."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.window = int(daemon.timings['drain_window'])
+        self.wakeup = daemon.drain_wakeup
+        self._sends = daemon.group
+
+    def run(self, stop):
+        while not stop.is_set():
+            try:
+                self.step()
+            except Exception:
+                log.exception('drain_tick_failed')
+            self.wakeup.wait(self.daemon.timings['drain_poll'])
+            self.wakeup.clear()
+
+    def step(self, now=None):
+        now = now_ms() if now is None else now
+        self._expire(now)
+        blocked_meshes, blocked_sessions = self._blocked_links()
+        query = (Outbox.select()
+                 .where((Outbox.status == 'pending') & (Outbox.next_attempt_at <= now))
+                 .order_by(Outbox.enqueued_at, Outbox.id)
+                 .limit(BATCH))
+        if blocked_meshes:
+            query = query.where(~(Outbox.sender_session_pubkey.is_null()
+                                  & Outbox.mesh.in_(blocked_meshes)))
+        if blocked_sessions:
+            query = query.where(Outbox.sender_session_pubkey.is_null()
+                                | Outbox.sender_session_pubkey.not_in(blocked_sessions))
+        with storage_db.reading():
+            rows = list(query)
+        for row in rows:
+            self._route(row, now)
+
+    def _blocked_links(self):
+        """Meshes and session pubkeys whose link exists but cannot take a send now."""
+        meshes = [slug for slug, link in self.daemon.links.items()
+                  if not link.is_open or link.in_flight >= self.window]
+        sessions = [link.pubkey for link in self.daemon.session_links.values()
+                    if not link.is_open or link.in_flight >= self.window]
+        return meshes, sessions
+
+    def _route(self, row, now):
+        member_link = self.daemon.links.get(row.mesh)
+        if member_link is None:
+            if self._claim(row, now):
+                log.warning('drain_no_broker_for_mesh', extra={'fields': {'id': row.id,
+                                                                          'mesh': row.mesh}})
+                self._finish(row.id, 'dead', last_error='no_broker_for_mesh:%s' % row.mesh)
+            return
+        if row.sender_session_pubkey:
+            link = self.daemon.session_link_by_pubkey(row.sender_session_pubkey)
+            if link is None:
+                # No session with that key is registered: count the attempt and back off;
+                # never fall back to the member link (the ciphertext is sealed by the session).
+                if self._claim(row, now):
+                    log.info('drain_session_ws_not_ready', extra={'fields': {
+                        'id': row.id, 'session_pubkey': row.sender_session_pubkey[:12]}})
+                    self._retry(row.id, row.attempts + 1, row.expires_at,
+                                'session_ws_not_open', now)
+                return
+        else:
+            link = member_link
+        if not link.is_open or link.in_flight >= self.window:
+            return
+        if not self._claim(row, now):
+            return
+        link.in_flight += 1
+        self._sends.spawn(self._dispatch, link, row)
+
+    def _claim(self, row, now):
+        with storage_db.writing():
+            return (Outbox.update(status='inflight', attempts=Outbox.attempts + 1,
+                                  next_attempt_at=now + INFLIGHT_LEASE_MS)
+                    .where((Outbox.id == row.id) & (Outbox.status == 'pending'))
+                    .execute()) == 1
+
+    def _dispatch(self, link, row):
+        try:
+            frame = {'type': 'send', 'id': row.client_message_id,
+                     'client_message_id': row.client_message_id,
+                     'request_fingerprint': bytes(row.request_fingerprint).hex(),
+                     'targetSpec': row.target_spec,
+                     'priority': row.priority if row.priority in ('now', 'low') else 'next',
+                     'nonce': row.nonce, 'ciphertext': row.ciphertext}
+            try:
+                result = link.send_message(frame)
+            except Exception as exc:
+                log.warning('drain_send_threw', extra={'fields': {'id': row.id, 'err': str(exc)}})
+                result = {'ok': False, 'error': 'send_threw: %s' % exc, 'transient': True}
+            self._record(row, result)
+        finally:
+            link.in_flight -= 1
+            self.wakeup.set()
+
+    def _record(self, row, result):
+        now = now_ms()
+        if result.get('ok'):
+            self._finish(row.id, 'done', delivered_at=now,
+                         broker_message_id=result.get('message_id'), last_error=None)
+            return
+        error = result.get('error') or 'unknown error'
+        if error == 'broker_disconnected_1009' and self._frame_too_large(row):
+            error = 'payload_too_large: closed 1009 by broker'
+        if not result.get('transient') and is_permanent(error):
+            log.warning('drain_permanent_failure', extra={'fields': {'id': row.id, 'err': error}})
+            self._finish(row.id, 'dead', last_error=error)
+            return
+        retry_after = RATE_LIMIT_RETRY_MS if error.startswith('rate_limit') else 0
+        self._retry(row.id, row.attempts + 1, row.expires_at, error, now, retry_after)
+
+    def _frame_too_large(self, row):
+        return len(row.ciphertext) + len(row.nonce) + 300 > FRAME_LIMIT
+
+    def _retry(self, row_id, attempts, expires_at, error, now, retry_after=0):
+        if now >= expires_at:
+            log.warning('drain_expired', extra={'fields': {'id': row_id, 'err': error}})
+            self._finish(row_id, 'dead', last_error='expired')
+            return
+        self._finish(row_id, 'pending', last_error=error,
+                     next_attempt_at=now + backoff_ms(attempts, retry_after))
+
+    def _finish(self, row_id, status, **fields):
+        with storage_db.writing():
+            (Outbox.update(status=status, **fields)
+             .where((Outbox.id == row_id) & (Outbox.status == 'inflight'))
+             .execute())
+
+    def _expire(self, now):
+        with storage_db.writing():
+            expired = (Outbox.update(status='dead', last_error='expired')
+                       .where((Outbox.status == 'pending') & (Outbox.expires_at <= now))
+                       .execute())
+        if expired:
+            log.warning('drain_expired', extra={'fields': {'count': expired}})

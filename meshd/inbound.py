@@ -1,0 +1,123 @@
+"""What the daemon does with a push from a broker (spec/daemon.md §7).
+
+A message is decrypted with the session key, then the member key; a multicast body is
+base64 plaintext. The row is recipient-scoped by the key that opened it and deduplicated on
+(client_message_id, recipient), so the copies the broker fans out to every link of a member
+become one row. The client_ack goes out after the inbox commit, for duplicates too, so the
+broker stops re-pushing; the event is published only for a new row.
+"""
+import base64
+import binascii
+import json
+import logging
+import uuid
+
+from storage import db as storage_db
+from storage.models import Inbox, now_ms
+
+from meshd import crypto
+
+log = logging.getLogger(__name__)
+
+_SYSTEM_KINDS = {'peer_joined': 'peer_join', 'peer_returned': 'peer_join',
+                 'peer_left': 'peer_leave'}
+
+
+def _text(value):
+    return value if isinstance(value, str) and value != '' else None
+
+
+def handle_push(daemon, link, frame, session_secret=None):
+    """Store, acknowledge and publish one push that arrived on `link`."""
+    if frame.get('subtype') == 'system' or frame.get('senderPubkey') == 'system':
+        _handle_system(daemon, link, frame)
+        return
+    if frame.get('type') != 'push':
+        return  # `inbound` is accepted by the links but carries nothing to store
+    mesh = link.mesh
+    sender = (_text(frame.get('senderPubkey')) or '').lower()
+    nonce, ciphertext = _text(frame.get('nonce')), _text(frame.get('ciphertext'))
+    body, recipient_kind, recipient_pubkey, failed = _open(
+        mesh, link, sender, nonce, ciphertext, session_secret)
+    broker_id = _text(frame.get('messageId'))
+    cmid = _text(frame.get('client_message_id')) or broker_id or str(uuid.uuid4())
+    created_at = _text(frame.get('createdAt'))
+    row = dict(id=str(uuid.uuid4()), client_message_id=cmid, broker_message_id=broker_id,
+               mesh=mesh['slug'], topic=_text(frame.get('topic')), sender_pubkey=sender,
+               sender_name=_text(frame.get('senderName')) or sender[:8], body=body,
+               meta=json.dumps({'created_at': created_at}) if created_at else None,
+               received_at=now_ms(), reply_to_id=_text(frame.get('replyToId')),
+               recipient_pubkey=recipient_pubkey, recipient_kind=recipient_kind,
+               decrypt_failed=1 if failed else 0)
+    event = None
+    with storage_db.writing():
+        Inbox.insert(**row).on_conflict_ignore().execute()
+        stored = Inbox.get_or_none((Inbox.client_message_id == cmid)
+                                   & (Inbox.recipient_pubkey == recipient_pubkey))
+        is_new = stored is not None and stored.id == row['id']
+        if is_new:
+            event = daemon.bus.append('message', _event_data(row, frame))
+    if failed:
+        log.warning('inbox_decrypt_failed', extra={'fields': {
+            'mesh': mesh['slug'], 'sender': sender[:12], 'recipient_kind': recipient_kind}})
+    # After the commit, duplicates included: without it the broker re-pushes forever.
+    link.client_ack(_text(frame.get('client_message_id')), broker_id)
+    if event is not None:
+        daemon.bus.deliver(event)
+
+
+def _open(mesh, link, sender, nonce, ciphertext, session_secret):
+    """(body, recipient_kind, recipient_pubkey, decrypt_failed) per spec/daemon.md §7.2."""
+    member = ('member', mesh['pubkey'])
+    if ciphertext is None:
+        return (None,) + member + (False,)
+    if nonce and sender and sender != 'system':
+        if session_secret is not None:
+            try:
+                plain = crypto.open_dm(nonce, ciphertext, sender, session_secret)
+                return (plain.decode('utf-8', 'replace'), 'session',
+                        link.pubkey, False)
+            except crypto.DecryptError:
+                pass
+        try:
+            plain = crypto.open_dm(nonce, ciphertext, sender, mesh['secretKey'])
+            return (plain.decode('utf-8', 'replace'),) + member + (False,)
+        except crypto.DecryptError:
+            pass
+    try:
+        # Multicast bodies are base64 plaintext; the decode is strict so that a sealed DM
+        # that could not be opened is flagged instead of stored as garbage.
+        plain = base64.b64decode(ciphertext, validate=True).decode('utf-8')
+        return (plain,) + member + (False,)
+    except (binascii.Error, ValueError):
+        return (None, link.kind, link.pubkey, True)
+
+
+def _event_data(row, frame):
+    data = {'id': row['id'], 'mesh': row['mesh'], 'client_message_id': row['client_message_id'],
+            'broker_message_id': row['broker_message_id'], 'sender_pubkey': row['sender_pubkey'],
+            'sender_member_pubkey': _text(frame.get('senderMemberPubkey')),
+            'sender_name': row['sender_name'], 'topic': row['topic'],
+            'reply_to_id': row['reply_to_id'], 'priority': _text(frame.get('priority')) or 'next',
+            'body': row['body'], 'created_at': _text(frame.get('createdAt')),
+            'recipient_pubkey': row['recipient_pubkey'],
+            'recipient_kind': row['recipient_kind'],
+            'decrypt_failed': bool(row['decrypt_failed'])}
+    if _text(frame.get('subtype')):
+        data['subtype'] = frame['subtype']
+    return data
+
+
+def _handle_system(daemon, link, frame):
+    if link.kind != 'member':
+        return
+    event = frame.get('event')
+    if not isinstance(event, str):
+        return
+    event_data = frame.get('eventData') if isinstance(frame.get('eventData'), dict) else {}
+    pubkey = event_data.get('pubkey')
+    if isinstance(pubkey, str) and pubkey and daemon.is_own_pubkey(pubkey, link.mesh['slug']):
+        return  # our own sessions joining or leaving (1.34.9)
+    data = {'mesh': link.mesh['slug'], 'event': event}
+    data.update(event_data)
+    daemon.publish_event(_SYSTEM_KINDS.get(event, 'system'), data)

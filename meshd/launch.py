@@ -1,0 +1,116 @@
+"""`meshd launch`: run an agent (default `claude`) as a registered session (spec/daemon.md §10.8).
+
+The session token is written to a 0600 file in a 0700 temporary directory and the child
+learns only the file's path (MESHD_SESSION_TOKEN_FILE): a token is never printed, put in an
+environment value or in argv (DESIGN.md 18). The launch process stays alive while the child
+runs, so the registered pid is alive exactly as long as the session.
+"""
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+
+from rpc.client import RpcCallError, RpcClient, RpcConnectionError
+
+from meshd import config as config_mod, crypto, keystore
+from meshd.exceptions import MeshdError
+
+ATTESTATION_TTL_MS = 12 * 3600 * 1000
+
+
+class LaunchError(MeshdError):
+    """The session cannot be launched; one line for the user."""
+
+
+def pick_mesh(config, requested):
+    meshes = [m['slug'] for m in config['meshes']]
+    if requested:
+        if requested not in meshes:
+            raise LaunchError('not a member of mesh "%s"' % requested)
+        return requested
+    if len(meshes) == 1:
+        return meshes[0]
+    if not meshes:
+        raise LaunchError('no mesh joined; run `meshd join <invite-link>` first')
+    raise LaunchError('several meshes joined (%s); pick one with --mesh' % ', '.join(meshes))
+
+
+def run(paths, command, mesh=None, name=None, role=None, groups=None, resume=None, out=print):
+    """Register a session, run `command` under it, deregister; return the child's status."""
+    config = config_mod.load_config(paths.config)
+    slug = pick_mesh(config, mesh)
+    entry = config_mod.mesh_by_slug(config, slug)
+    session_id = resume or str(uuid.uuid4())
+    display_name = name or entry.get('displayName') or os.path.basename(os.getcwd()) or 'session'
+    keypair = keystore.load_or_create(paths, slug, session_id)
+    wire = crypto.make_attestation(entry['pubkey'], entry['secretKey'], keypair.public_key,
+                                   int(time.time() * 1000) + ATTESTATION_TTL_MS)
+    token = secrets.token_hex(32)
+    tmpdir = tempfile.mkdtemp(prefix='meshd-')  # 0700
+    token_file = os.path.join(tmpdir, 'session-token')
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, 'w') as handle:
+        handle.write(token)
+    params = {'token': token, 'session_id': session_id, 'mesh': slug,
+              'display_name': display_name, 'pid': os.getpid(), 'cwd': os.getcwd(),
+              'presence': {'session_pubkey': keypair.public_key,
+                           'session_secret_key': keypair.secret_key,
+                           'parent_attestation': {
+                               'session_pubkey': wire['sessionPubkey'],
+                               'parent_member_pubkey': wire['parentMemberPubkey'],
+                               'expires_at': wire['expiresAt'], 'signature': wire['signature']}}}
+    if role:
+        params['role'] = role
+    if groups:
+        params['groups'] = ['@' + g.lstrip('@') for g in groups.split(',') if g.strip()]
+    try:
+        with RpcClient(socket_path=paths.socket, timeout=5.0) as client:
+            client.call('sessions.register', params)
+            client.call('session.attach', {'token': token})
+            out(_welcome(client, slug, display_name))
+    except (RpcConnectionError, RpcCallError) as exc:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise LaunchError('daemon not reachable — %s (run `meshd daemon up`)' % exc)
+    env = dict(os.environ, MESHD_SESSION_TOKEN_FILE=token_file, MESHD_MESH=slug,
+               MESHD_DISPLAY_NAME=display_name, MESHD_SESSION_ID=session_id,
+               MESHD_ROLE=role or '')
+    env.setdefault('MCP_TIMEOUT', '30000')
+    env.setdefault('MAX_MCP_OUTPUT_TOKENS', '50000')
+    try:
+        child = subprocess.Popen(command, env=env)
+    except OSError as exc:
+        _deregister(paths, token)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise LaunchError('cannot run %s: %s' % (command[0], exc.strerror or exc))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the child
+    try:
+        status = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _deregister(paths, token)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return status if status >= 0 else 128 - status
+
+
+def _welcome(client, slug, display_name):
+    try:
+        health = client.call('daemon.health')
+        state = health['brokers'].get(slug, {}).get('status', 'unknown')
+        unread = len(client.call('inbox.list', {'unread_only': True, 'mark_seen': False,
+                                                'limit': 1000})['items'])
+    except (RpcConnectionError, RpcCallError):
+        return 'meshd: session "%s" registered on %s' % (display_name, slug)
+    return ('meshd: session "%s" on %s (broker %s, %d unread)'
+            % (display_name, slug, state, unread))
+
+
+def _deregister(paths, token):
+    try:
+        with RpcClient(socket_path=paths.socket, timeout=1.5) as client:
+            client.call('sessions.deregister', {'token': token})
+    except (RpcConnectionError, RpcCallError):
+        pass  # the reaper notices the dead pid anyway

@@ -1,0 +1,148 @@
+"""The two kinds of broker link: one member link per mesh, one session link per session.
+
+Both speak spec/wire.md §3: the member link says `hello` with the daemon's stable session
+id (DESIGN.md 16); a session link says `session_hello` with a parent attestation signed
+fresh on every connect. Pushes go to meshd.inbound after the self-echo filters of
+spec/daemon.md §5.2 and §5.3.
+"""
+import hashlib
+import logging
+import os
+import socket
+import time
+
+from meshd import crypto, fingerprint, inbound
+from meshd.wslink import Link
+
+log = logging.getLogger(__name__)
+
+ATTESTATION_TTL_MS = 12 * 3600 * 1000
+
+
+def stable_session_id(member_pubkey, host_id=None):
+    """`daemon-` + 16 hex of sha256(host_id ‖ 0x00 ‖ member pubkey): stable across restarts."""
+    host_id = fingerprint.host_id() if host_id is None else host_id
+    digest = hashlib.sha256(host_id.encode() + b'\x00' + member_pubkey.encode()).hexdigest()
+    return 'daemon-' + digest[:16]
+
+
+def _now_ms():
+    return int(time.time() * 1000)
+
+
+class MemberLink(Link):
+    """The daemon's control-plane socket for one mesh (`hello`, role control-plane)."""
+
+    kind = 'member'
+    log_prefix = 'broker_'
+
+    def __init__(self, daemon, mesh):
+        super().__init__(daemon, mesh, mesh['brokerUrl'])
+        self.session_id = stable_session_id(mesh['pubkey'])
+
+    @property
+    def pubkey(self):
+        return self.mesh['pubkey']
+
+    def build_hello(self):
+        mesh = self.mesh
+        timestamp = _now_ms()
+        hello = {'type': 'hello', 'meshId': mesh['meshId'], 'memberId': mesh['memberId'],
+                 'pubkey': mesh['pubkey']}
+        if mesh.get('displayName'):
+            hello['displayName'] = mesh['displayName']
+        hello.update({
+            'sessionId': self.session_id, 'pid': os.getpid(), 'cwd': os.getcwd(),
+            'hostname': socket.gethostname(), 'peerType': 'ai', 'channel': 'claudemesh-daemon',
+            'timestamp': timestamp,
+            'signature': crypto.sign_hex(mesh['secretKey'], crypto.member_hello_text(
+                mesh['meshId'], mesh['memberId'], mesh['pubkey'], timestamp))})
+        return hello
+
+    def on_status(self, status):
+        log.info('broker_status', extra={'fields': {'status': status, 'mesh': self.name}})
+        self.daemon.publish_event('broker_status', {'mesh': self.name, 'status': status})
+
+    def on_push(self, frame):
+        sender_member = (frame.get('senderMemberPubkey') or '').lower()
+        if sender_member and sender_member == self.pubkey.lower():
+            return  # our own send echoed on the member socket (1.34.9)
+        inbound.handle_push(self.daemon, self, frame, session_secret=None)
+
+    def list_peers(self):
+        """The broker's roster of this mesh, or None when it cannot be read."""
+        reply = self.request({'type': 'list_peers'}, 'peers_list')
+        if reply is None or not isinstance(reply.get('peers'), list):
+            return None
+        return reply['peers']
+
+
+class SessionLink(Link):
+    """One registered session's own presence (`session_hello`, role session)."""
+
+    kind = 'session'
+    log_prefix = 'session_broker_'
+    not_open_error = 'session_ws_not_open'
+
+    def __init__(self, daemon, mesh, info):
+        super().__init__(daemon, mesh, mesh['brokerUrl'])
+        self.info = info
+        self.token = info.token
+        self.pubkey = info.presence['session_pubkey']
+        self.secret = info.presence['session_secret_key']
+
+    @property
+    def name(self):
+        return self.info.token_prefix
+
+    def build_hello(self):
+        mesh, info = self.mesh, self.info
+        try:
+            attestation = crypto.make_attestation(mesh['pubkey'], mesh['secretKey'], self.pubkey,
+                                                  _now_ms() + ATTESTATION_TTL_MS)
+        except Exception as exc:
+            log.warning('parent attestation re-mint failed; reusing stored token (may be expired)',
+                        extra={'fields': {'err': str(exc)}})
+            stored = info.presence['parent_attestation']
+            attestation = {'sessionPubkey': stored['session_pubkey'],
+                           'parentMemberPubkey': stored['parent_member_pubkey'],
+                           'expiresAt': stored['expires_at'], 'signature': stored['signature']}
+        timestamp = _now_ms()
+        hello = {'type': 'session_hello', 'meshId': mesh['meshId'],
+                 'parentMemberId': mesh['memberId'], 'parentMemberPubkey': mesh['pubkey'],
+                 'sessionPubkey': self.pubkey, 'parentAttestation': attestation,
+                 'displayName': info.display_name, 'sessionId': info.session_id,
+                 'pid': info.pid, 'cwd': info.cwd or os.getcwd(),
+                 'hostname': socket.gethostname(), 'peerType': 'ai',
+                 'channel': 'claudemesh-session'}
+        groups = [_group(g) for g in info.groups or []]
+        if groups:
+            hello['groups'] = groups
+        if info.role:
+            hello['role'] = info.role
+        hello['timestamp'] = timestamp
+        hello['signature'] = crypto.sign_hex(self.secret, crypto.session_hello_text(
+            mesh['meshId'], mesh['pubkey'], self.pubkey, timestamp))
+        return hello
+
+    def on_push(self, frame):
+        if frame.get('subtype') == 'system' or frame.get('senderPubkey') == 'system':
+            return  # the member link delivers system events once (1.34.9)
+        sender = (frame.get('senderPubkey') or '').lower()
+        if sender == self.pubkey:
+            log.info('self_echo_dropped', extra={'fields': {'sender': sender[:12]}})
+            return
+        inbound.handle_push(self.daemon, self, frame, session_secret=self.secret)
+
+    def _log(self, level, msg, **fields):
+        fields.setdefault('session_pubkey', self.pubkey[:12])
+        super()._log(level, msg, **fields)
+
+
+def _group(text):
+    """'@name' or '@name:role' → {name, role?} for session_hello."""
+    name, _, role = text.lstrip('@').partition(':')
+    group = {'name': name}
+    if role:
+        group['role'] = role
+    return group
