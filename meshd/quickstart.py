@@ -74,9 +74,10 @@ class Quickstart:
         self._wait_broker(port)
         self.out('2. creating mesh "quickstart" and joining alice and bob with invites')
         self._meshd('broker-admin', 'create-mesh', '--name', 'quickstart', '--db', self.broker_db)
+        link = self._meshd('broker-admin', 'invite', '--mesh', 'quickstart', '--broker-url', url,
+                           '--max-uses', str(len(NAMES)), '--db',
+                           self.broker_db).strip().splitlines()[-1]
         for name in NAMES:
-            link = self._meshd('broker-admin', 'invite', '--mesh', 'quickstart', '--broker-url',
-                               url, '--db', self.broker_db).strip().splitlines()[-1]
             self._meshd('join', link, '--name', name, home=self.homes[name])
         self.out('3. starting a daemon for each (homes under %s)' % self.base)
         for name in NAMES:
