@@ -52,6 +52,8 @@ DEFAULT_TIMINGS = {
     'link_rpc_timeout': 5.0,
     'link_backoff_scale': 1.0,
     'clock_check_interval': 2.0,
+    'roster_cache_ttl': 2.0,
+    'drain_expire_interval': 1.0,
     'clock_jump_threshold': 10.0,
 }
 ATTESTATION_TTL_MS = 12 * 3600 * 1000

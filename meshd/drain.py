@@ -45,6 +45,7 @@ class Drain:
         self.window = int(daemon.timings['drain_window'])
         self.wakeup = daemon.drain_wakeup
         self._sends = daemon.group
+        self._expired_at = 0
 
     def run(self, stop):
         while not stop.is_set():
@@ -57,7 +58,9 @@ class Drain:
 
     def step(self, now=None):
         now = now_ms() if now is None else now
-        self._expire(now)
+        if now - self._expired_at >= self.daemon.timings['drain_expire_interval'] * 1000:
+            self._expired_at = now  # a pass per second is enough; it is a write transaction
+            self._expire(now)
         blocked_meshes, blocked_sessions = self._blocked_links()
         query = (Outbox.select()
                  .where((Outbox.status == 'pending') & (Outbox.next_attempt_at <= now))

@@ -116,6 +116,7 @@ def _handle_system(daemon, link, frame):
         return
     event_data = frame.get('eventData') if isinstance(frame.get('eventData'), dict) else {}
     pubkey = event_data.get('pubkey')
+    link.forget_roster()  # a peer came, went or changed: the next resolution reads afresh
     if isinstance(pubkey, str) and pubkey and daemon.is_own_pubkey(pubkey, link.mesh['slug']):
         return  # our own sessions joining or leaving (1.34.9)
     data = {'mesh': link.mesh['slug'], 'event': event}

@@ -39,6 +39,8 @@ class MemberLink(Link):
     def __init__(self, daemon, mesh):
         super().__init__(daemon, mesh, mesh['brokerUrl'])
         self.session_id = stable_session_id(mesh['pubkey'])
+        self._roster = None
+        self._roster_at = 0.0
 
     @property
     def pubkey(self):
@@ -69,12 +71,28 @@ class MemberLink(Link):
             return  # our own send echoed on the member socket (1.34.9)
         inbound.handle_push(self.daemon, self, frame, session_secret=None)
 
-    def list_peers(self):
-        """The broker's roster of this mesh, or None when it cannot be read."""
+    def list_peers(self, max_age=0.0):
+        """The broker's roster of this mesh, or None when it cannot be read.
+
+        `max_age` lets `send` reuse a roster read moments ago: resolving every DM with a
+        round trip to the broker would cap the accept rate. Any join or leave event on this
+        mesh, and any reconnect, forgets the cached roster.
+        """
+        if (max_age and self._roster is not None and self.is_open
+                and time.monotonic() - self._roster_at <= max_age):
+            return self._roster
         reply = self.request({'type': 'list_peers'}, 'peers_list')
         if reply is None or not isinstance(reply.get('peers'), list):
+            self.forget_roster()
             return None
+        self._roster, self._roster_at = reply['peers'], time.monotonic()
         return reply['peers']
+
+    def forget_roster(self):
+        self._roster = None
+
+    def on_closed(self, code, reason):
+        self.forget_roster()
 
 
 class SessionLink(Link):

@@ -144,6 +144,11 @@ def _decide(cmid, fingerprint):
 
 # -- resolution --------------------------------------------------------------------------
 
+def read_rosters(daemon, slugs):
+    """Fresh rosters for `slugs` (peers.list always asks the broker)."""
+    return _read_rosters(daemon, slugs)
+
+
 def _fallback_mesh(daemon, session, explicit):
     if explicit:
         if explicit not in daemon.meshes:
@@ -160,13 +165,13 @@ def _fallback_mesh(daemon, session, explicit):
                       attached=attached)
 
 
-def read_rosters(daemon, slugs):
+def _read_rosters(daemon, slugs, max_age=0.0):
     """{slug: peers or None} for `slugs`, read concurrently, each with the RPC timeout."""
     jobs = {}
     for slug in slugs:
         link = daemon.links.get(slug)
         if link is not None and link.is_open:
-            jobs[slug] = gevent.spawn(link.list_peers)
+            jobs[slug] = gevent.spawn(link.list_peers, max_age)
     gevent.joinall(list(jobs.values()), timeout=daemon.timings['link_rpc_timeout'] + 1)
     return {slug: (jobs[slug].value if slug in jobs and jobs[slug].successful() else None)
             for slug in slugs}
@@ -194,6 +199,9 @@ def _name_for(peers, target):
 
 def resolve(daemon, session, to, explicit_mesh):
     """Pick the mesh and the target of `to` (spec/daemon.md §8.3, meshd table)."""
+    # Resolution may reuse a roster read moments ago (join and leave events forget it).
+    max_age = daemon.timings['roster_cache_ttl']
+
     if explicit_mesh is not None and explicit_mesh not in daemon.meshes:
         raise RpcError.of(NOT_FOUND, 'mesh_not_attached', 'mesh not attached: %s' % explicit_mesh,
                           mesh=explicit_mesh)
@@ -202,10 +210,10 @@ def resolve(daemon, session, to, explicit_mesh):
     if _FULL_KEY.match(to):
         target = to.lower()
         if explicit_mesh:
-            peers = read_rosters(daemon, [explicit_mesh])[explicit_mesh]
+            peers = _read_rosters(daemon, [explicit_mesh], max_age)[explicit_mesh]
             return Resolution(explicit_mesh, target, True, _name_for(peers, target),
                               _online(peers, target))
-        rosters = read_rosters(daemon, sorted(daemon.meshes))
+        rosters = _read_rosters(daemon, sorted(daemon.meshes), max_age)
         hits = [slug for slug, peers in rosters.items() if peers and any(
             str(p.get('pubkey', '')).lower() == target
             or str(p.get('memberPubkey', '')).lower() == target for p in peers)]
@@ -218,7 +226,7 @@ def resolve(daemon, session, to, explicit_mesh):
         return Resolution(slug, target, True, _name_for(peers, target), _online(peers, target))
     kind = 'prefix' if _PREFIX.match(to) else 'name'
     scope = [explicit_mesh] if explicit_mesh else sorted(daemon.meshes)
-    rosters = read_rosters(daemon, scope)
+    rosters = _read_rosters(daemon, scope, max_age)
     hits, seen = [], set()
     for slug in scope:
         for peer in rosters.get(slug) or []:
