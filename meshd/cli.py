@@ -613,7 +613,9 @@ def build_parser():
     from meshd.broker import cli as broker_cli
     parser.add_commands([quickstart, send, peers, inbox, outbox, sessions, call, join, leave,
                          import_claudemesh, launch, broker_cli.broker])
-    add_group(parser, 'daemon', [up, down, status, accept_host], 'run and control the daemon')
+    from meshd.service import install_service
+    add_group(parser, 'daemon', [up, down, status, accept_host, install_service],
+              'run and control the daemon')
     add_group(parser, 'broker-admin', broker_cli.ADMIN_COMMANDS,
               "administer a meshd broker's database")
     return parser
