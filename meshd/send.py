@@ -182,12 +182,24 @@ def _is_control_plane(peer):
 
 
 def _online(peers, target):
+    """Whether a presence that will take a DM to `target` is connected; None if unknown.
+
+    A session row counts when its key or its member's key is the target. A control-plane
+    row counts only as its member's own key: a DM to a member key reaches that member's
+    daemon (meshd stores it in the member's inbox), so the daemon being connected means
+    the recipient is online.
+    """
     if peers is None:
         return None
     target = target.lower()
-    return any(not _is_control_plane(p) and (str(p.get('pubkey', '')).lower() == target
-                                              or str(p.get('memberPubkey', '')).lower() == target)
-               for p in peers)
+    for peer in peers:
+        member = str(peer.get('memberPubkey', '')).lower()
+        if _is_control_plane(peer):
+            if member == target:
+                return True
+        elif str(peer.get('pubkey', '')).lower() == target or member == target:
+            return True
+    return False
 
 
 def _name_for(peers, target):

@@ -15,6 +15,7 @@ class DirectMessageTest(LinksTestCase):
         sent = da.call('send', {'to': bob['pubkey'], 'message': 'hi bob'})
         self.assertEqual((sent['status'], sent['duplicate'], sent['mesh']),
                          ('queued', False, 'team'))
+        self.assertTrue(sent['recipient_online'])  # bob's daemon is connected
         row = self.wait_inbox(db, 1)[0]
         self.assertEqual((row['body'], row['sender_pubkey'], row['recipient_kind']),
                          ('hi bob', alice['pubkey'], 'member'))
@@ -331,3 +332,45 @@ class LifecycleTest(LinksTestCase):
         wait_for(lambda: [l for l in da.log_lines() if l.get('msg') == 'broker_ws_reconnect_now'],
                  what='reconnect after the jump')
         self.wait_link(da, 'team')
+
+
+class LinkStateTest(LinksTestCase):
+
+    def test_a_first_connect_that_fails_still_reconnects_and_delivers(self):
+        alice, bob = self.member('alice'), self.member('bob')
+        port = self.broker.port
+        self.broker.stop()
+        da = self.daemon([alice], wait_open=False)
+        wait_for(lambda: da.call('daemon.health')['brokers']['team']['state'] == 'unreachable',
+                 what='unreachable state')
+        da.call('send', {'to': bob['pubkey'], 'message': 'sent before any connection',
+                         'mesh': 'team'})
+        self.start_broker(port)
+        self.wait_link(da, 'team')
+        db = self.daemon([bob])
+        self.assertEqual(self.wait_inbox(db, 1)[0]['body'], 'sent before any connection')
+
+    def test_an_identity_the_broker_does_not_know_shows_auth_failed(self):
+        stranger = self.member('stranger')
+        with store.connection():
+            store.Member.delete().where(store.Member.peer_pubkey == stranger['pubkey']).execute()
+        da = self.daemon([stranger], wait_open=False)
+        health = wait_for(lambda: (lambda h: h if h.get('state') == 'auth_failed' else None)(
+            da.call('daemon.health')['brokers']['team']), what='auth_failed')
+        self.assertIn('unauthorized', health['detail'])
+        self.assertIsNotNone(health['retry_at'])
+        listed = da.call('meshes.list')['meshes'][0]
+        self.assertEqual((listed['slug'], listed['state']), ('team', 'auth_failed'))
+        self.assertNotIn('secretKey', str(listed))
+
+    def test_same_session_key_under_a_new_token_leaves_one_presence(self):
+        alice, bob = self.member('alice'), self.member('bob')
+        da, db = self.daemon([alice]), self.daemon([bob])
+        session_id = '11111111-2222-4333-8444-555555555555'
+        self.session(db, bob, 'relaunched', session_id=session_id)
+        self.session(db, bob, 'relaunched', session_id=session_id)  # relaunch: new token
+        wait_for(lambda: len(db.call('daemon.health')['sessions']) == 1, what='one link')
+        peers = wait_for(lambda: (lambda p: p if len(p) == 1 else None)(
+            [p for p in da.call('peers.list')['peers'] if p['displayName'] == 'relaunched']),
+            what='one presence for the relaunched session')
+        self.assertEqual(peers[0]['peerRole'], 'session')
