@@ -235,3 +235,21 @@ class KeystoreTest(MeshdTestCase):
         self.assertNotEqual(second.public_key, first.public_key)
         self.assertEqual(keystore.load_or_create(paths, 'alpha', session_id).public_key,
                          second.public_key)
+
+
+class ReaperLoadTest(SessionsTestCase):
+
+    def test_two_hundred_sessions_never_stall_the_api_and_never_fork(self):
+        """One `ps` per session every 5 s stalled claudemesh's IPC (field lesson 16)."""
+        daemon = self.start_daemon(timings={'reaper_interval': 0.05})
+        proc = self.live_process()
+        with daemon.client() as client:
+            for n in range(200):
+                client.call('sessions.register', {
+                    'token': secrets.token_hex(32), 'session_id': str(uuid.uuid4()),
+                    'mesh': 'alpha', 'display_name': 'agent-%d' % n, 'pid': proc.pid})
+            for _ in range(100):  # sweeps run every 50 ms meanwhile
+                self.assertEqual(client.call('daemon.version', timeout=5)['ipc_api'], 'v1')
+        children = [c for c in __import__('psutil').Process(daemon.pid).children()]
+        self.assertEqual(children, [])
+        self.assertEqual(len(daemon.call('sessions.list')['sessions']), 200)
