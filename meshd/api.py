@@ -273,10 +273,9 @@ def inbox_list(ctx, since: str = None, topic: str = None, sender: str = None,
 def _mark_seen(ids):
     if not ids:
         return 0
-    with storage_db.writing():
-        return (Inbox.update(seen_at=now_ms())
-                .where(Inbox.id.in_(ids) & Inbox.seen_at.is_null())
-                .execute())
+    return storage_db.write(lambda: (Inbox.update(seen_at=now_ms())
+                                     .where(Inbox.id.in_(ids) & Inbox.seen_at.is_null())
+                                     .execute()))
 
 
 def inbox_mark_seen(ctx, ids: list = None):
@@ -299,8 +298,7 @@ def inbox_flush(ctx, mesh: str = None, before: str = None):
         condition &= Inbox.mesh == mesh
     if before is not None:
         condition &= Inbox.received_at < _iso_to_ms(before, 'before')
-    with storage_db.writing():
-        removed = Inbox.delete().where(condition).execute()
+    removed = storage_db.write(lambda: Inbox.delete().where(condition).execute())
     return {'removed': removed}
 
 
@@ -308,10 +306,10 @@ def inbox_delete(ctx, id: str = None):  # noqa: A002 - the wire name is `id`
     """Delete one inbox row within the caller's scope."""
     if not id:
         raise invalid_params('missing id')
-    with storage_db.writing():
-        removed = (Inbox.delete()
-                   .where((Inbox.id == id) & Inbox.in_scope(_inbox_scope(ctx)))
-                   .execute())
+    scope = _inbox_scope(ctx)
+    removed = storage_db.write(lambda: (Inbox.delete()
+                                        .where((Inbox.id == id) & Inbox.in_scope(scope))
+                                        .execute()))
     if not removed:
         raise RpcError.of(NOT_FOUND, 'not_found', 'inbox row not found', id=id)
     return {'removed': 1, 'id': id}
@@ -347,7 +345,7 @@ def outbox_requeue(ctx, id: str = None, new_client_message_id: str = None,  # no
     new_cmid = (new_client_message_id or '').strip() or str(uuid.uuid4())
     new_id = str(uuid.uuid4())
     now = now_ms()
-    with storage_db.writing():
+    def requeue():
         row = Outbox.get_or_none(Outbox.id == id)
         if row is None or row.status in ('aborted', 'done'):
             raise RpcError.of(CONFLICT, 'conflict', 'row not found, already aborted, or already done',
@@ -369,6 +367,7 @@ def outbox_requeue(ctx, id: str = None, new_client_message_id: str = None,  # no
         Idempotency.create(client_message_id=new_cmid,
                            request_fingerprint=row.request_fingerprint, outbox_id=new_id,
                            created_at=now)
+    storage_db.write(requeue)
     ctx.app.wake_drain()
     return {'aborted_row_id': id, 'new_row_id': new_id, 'new_client_message_id': new_cmid}
 
@@ -444,7 +443,7 @@ def events_subscribe(ctx, since_seq: int = None, epoch: str = None):
                     return
         finally:
             unsubscribe()
-    return Stream(result, run)
+    return Stream(result, run, cancel=unsubscribe)
 
 
 _METHODS = [

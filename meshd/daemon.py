@@ -123,6 +123,7 @@ class Daemon:
         tcp_on = self.options.tcp == 'on' or (self.options.tcp == 'auto'
                                               and not container.in_container())
         self._open_database()
+        self.spawn('writer', storage_db.writer.run)
         recovered = Outbox.recover_inflight(now_ms())
         if recovered:
             log.info('outbox_inflight_recovered', extra={'fields': {'count': recovered}})
@@ -192,6 +193,7 @@ class Daemon:
     def _abort_start(self):
         """Undo a start that failed half-way: stop greenlets, close the db, drop the lock."""
         self._stop.set()
+        storage_db.writer.stop(2)
         self.group.kill(timeout=2)
         if self.server is not None:
             self.server.close_listeners()
@@ -463,6 +465,7 @@ class Daemon:
         grace = self.timings['shutdown_grace']
         steps = (
             ('rpc listeners', lambda: self.server and self.server.stop(grace)),
+            ('database writer', lambda: storage_db.writer.stop(grace)),
             ('background tasks', lambda: self.group.kill(timeout=grace)),
             ('member links', lambda: self._close_links(self.links)),
             ('session links', lambda: self._close_links(self.session_links)),

@@ -5,13 +5,13 @@ at a few dozen messages a second and lets one dead mesh stall every other. meshd
 claimed row to a greenlet of its link, keeps up to `drain_window` sends in flight per link
 with acks matched by id, and never selects rows of a link that is not open, so one
 unreachable mesh or session delays only its own rows (DESIGN.md 15). Rows of one link are
-claimed and written in acceptance order. No network I/O happens inside a transaction.
+claimed and written in acceptance order. A pass claims its rows in one transaction and
+outcomes go through the group writer, so a busy drain costs few commits; no network I/O
+happens inside a transaction.
 """
 import logging
 import re
 
-import gevent
-import gevent.event
 from storage import db as storage_db
 from storage.models import Outbox, now_ms
 
@@ -49,18 +49,42 @@ class Drain:
 
     def run(self, stop):
         while not stop.is_set():
+            self.wakeup.clear()
             try:
                 self.step()
             except Exception:
                 log.exception('drain_tick_failed')
             self.wakeup.wait(self.daemon.timings['drain_poll'])
-            self.wakeup.clear()
 
     def step(self, now=None):
         now = now_ms() if now is None else now
         if now - self._expired_at >= self.daemon.timings['drain_expire_interval'] * 1000:
             self._expired_at = now  # a pass per second is enough; it is a write transaction
             self._expire(now)
+        with storage_db.reading():
+            rows = list(self._due(now))
+        plan = [(row, action) for row, action in self._plan(rows)]
+        if not plan:
+            return
+        claimed = storage_db.write(self._claim_all, [row.id for row, _action in plan], now)
+        for row, (kind, link) in plan:
+            if row.id not in claimed:
+                continue
+            if kind == 'send':
+                link.in_flight += 1
+                self._sends.spawn(self._dispatch, link, row)
+            elif kind == 'no_mesh':
+                log.warning('drain_no_broker_for_mesh', extra={'fields': {'id': row.id,
+                                                                          'mesh': row.mesh}})
+                self._finish(row.id, 'dead', last_error='no_broker_for_mesh:%s' % row.mesh)
+            else:  # no session with that key is registered
+                log.info('drain_session_ws_not_ready', extra={'fields': {
+                    'id': row.id, 'session_pubkey': row.sender_session_pubkey[:12]}})
+                self._retry(row.id, row.attempts + 1, row.expires_at, 'session_ws_not_open',
+                            now)
+
+    def _due(self, now):
+        """Pending rows whose time has come, leaving out links that cannot take a send."""
         blocked_meshes, blocked_sessions = self._blocked_links()
         query = (Outbox.select()
                  .where((Outbox.status == 'pending') & (Outbox.next_attempt_at <= now))
@@ -72,10 +96,7 @@ class Drain:
         if blocked_sessions:
             query = query.where(Outbox.sender_session_pubkey.is_null()
                                 | Outbox.sender_session_pubkey.not_in(blocked_sessions))
-        with storage_db.reading():
-            rows = list(query)
-        for row in rows:
-            self._route(row, now)
+        return query
 
     def _blocked_links(self):
         """Meshes and session pubkeys whose link exists but cannot take a send now."""
@@ -85,40 +106,38 @@ class Drain:
                     if not link.is_open or link.in_flight >= self.window]
         return meshes, sessions
 
-    def _route(self, row, now):
-        member_link = self.daemon.links.get(row.mesh)
-        if member_link is None:
-            if self._claim(row, now):
-                log.warning('drain_no_broker_for_mesh', extra={'fields': {'id': row.id,
-                                                                          'mesh': row.mesh}})
-                self._finish(row.id, 'dead', last_error='no_broker_for_mesh:%s' % row.mesh)
-            return
-        if row.sender_session_pubkey:
-            link = self.daemon.session_link_by_pubkey(row.sender_session_pubkey)
-            if link is None:
-                # No session with that key is registered: count the attempt and back off;
-                # never fall back to the member link (the ciphertext is sealed by the session).
-                if self._claim(row, now):
-                    log.info('drain_session_ws_not_ready', extra={'fields': {
-                        'id': row.id, 'session_pubkey': row.sender_session_pubkey[:12]}})
-                    self._retry(row.id, row.attempts + 1, row.expires_at,
-                                'session_ws_not_open', now)
-                return
-        else:
-            link = member_link
-        if not link.is_open or link.in_flight >= self.window:
-            return
-        if not self._claim(row, now):
-            return
-        link.in_flight += 1
-        self._sends.spawn(self._dispatch, link, row)
+    def _plan(self, rows):
+        """(row, (action, link)) for the rows this pass will claim, in acceptance order."""
+        planned = {}
+        for row in rows:
+            if self.daemon.links.get(row.mesh) is None:
+                yield row, ('no_mesh', None)
+                continue
+            if row.sender_session_pubkey:
+                link = self.daemon.session_link_by_pubkey(row.sender_session_pubkey)
+                if link is None:
+                    # Never fall back to the member link: the row is sealed by the session.
+                    yield row, ('no_session', None)
+                    continue
+            else:
+                link = self.daemon.links[row.mesh]
+            taken = planned.get(id(link), 0)
+            if not link.is_open or link.in_flight + taken >= self.window:
+                continue
+            planned[id(link)] = taken + 1
+            yield row, ('send', link)
 
-    def _claim(self, row, now):
-        with storage_db.writing():
-            return (Outbox.update(status='inflight', attempts=Outbox.attempts + 1,
-                                  next_attempt_at=now + INFLIGHT_LEASE_MS)
-                    .where((Outbox.id == row.id) & (Outbox.status == 'pending'))
-                    .execute()) == 1
+    @staticmethod
+    def _claim_all(ids, now):
+        """Claim the still-pending rows among `ids`; return the ids claimed."""
+        pending = {row.id for row in Outbox.select(Outbox.id)
+                   .where(Outbox.id.in_(ids) & (Outbox.status == 'pending'))}
+        if pending:
+            (Outbox.update(status='inflight', attempts=Outbox.attempts + 1,
+                           next_attempt_at=now + INFLIGHT_LEASE_MS)
+             .where(Outbox.id.in_(list(pending)) & (Outbox.status == 'pending'))
+             .execute())
+        return pending
 
     def _dispatch(self, link, row):
         try:
@@ -147,7 +166,7 @@ class Drain:
         error = result.get('error') or 'unknown error'
         if error == 'broker_disconnected_1009' and self._frame_too_large(row):
             error = 'payload_too_large: closed 1009 by broker'
-        if not result.get('transient') and is_permanent(error):
+        if is_permanent(error) and (not result.get('transient') or error.startswith('payload')):
             log.warning('drain_permanent_failure', extra={'fields': {'id': row.id, 'err': error}})
             self._finish(row.id, 'dead', last_error=error)
             return
@@ -165,16 +184,17 @@ class Drain:
         self._finish(row_id, 'pending', last_error=error,
                      next_attempt_at=now + backoff_ms(attempts, retry_after))
 
-    def _finish(self, row_id, status, **fields):
-        with storage_db.writing():
-            (Outbox.update(status=status, **fields)
-             .where((Outbox.id == row_id) & (Outbox.status == 'inflight'))
-             .execute())
+    @staticmethod
+    def _finish(row_id, status, **fields):
+        storage_db.write(lambda: (Outbox.update(status=status, **fields)
+                                  .where((Outbox.id == row_id) & (Outbox.status == 'inflight'))
+                                  .execute()))
 
-    def _expire(self, now):
-        with storage_db.writing():
-            expired = (Outbox.update(status='dead', last_error='expired')
-                       .where((Outbox.status == 'pending') & (Outbox.expires_at <= now))
-                       .execute())
+    @staticmethod
+    def _expire(now):
+        expired = storage_db.write(lambda: (Outbox.update(status='dead', last_error='expired')
+                                            .where((Outbox.status == 'pending')
+                                                   & (Outbox.expires_at <= now))
+                                            .execute()))
         if expired:
             log.warning('drain_expired', extra={'fields': {'count': expired}})

@@ -49,14 +49,14 @@ def handle_push(daemon, link, frame, session_secret=None):
                received_at=now_ms(), reply_to_id=_text(frame.get('replyToId')),
                recipient_pubkey=recipient_pubkey, recipient_kind=recipient_kind,
                decrypt_failed=1 if failed else 0)
-    event = None
-    with storage_db.writing():
+    def store():
         Inbox.insert(**row).on_conflict_ignore().execute()
         stored = Inbox.get_or_none((Inbox.client_message_id == cmid)
                                    & (Inbox.recipient_pubkey == recipient_pubkey))
-        is_new = stored is not None and stored.id == row['id']
-        if is_new:
-            event = daemon.bus.append('message', _event_data(row, frame))
+        if stored is not None and stored.id == row['id']:
+            return daemon.bus.append('message', _event_data(row, frame))
+        return None  # a duplicate: the row is already there
+    event = storage_db.write(store)
     if failed:
         log.warning('inbox_decrypt_failed', extra={'fields': {
             'mesh': mesh['slug'], 'sender': sender[:12], 'recipient_kind': recipient_kind}})

@@ -25,8 +25,13 @@ class Pruner:
             with storage_db.writing():
                 removed['inbox'] = Inbox.delete().where(Inbox.received_at < cutoff).execute()
                 removed['outbox'] = Outbox.delete().where(Outbox.prunable(cutoff)).execute()
+                # A key whose row is still queued (a ttl over 30 days) stays taken.
+                live = (Outbox.select(Outbox.id)
+                        .where(Outbox.status.in_(('pending', 'inflight'))))
                 removed['idempotency'] = (Idempotency.delete()
-                                          .where(Idempotency.created_at < cutoff).execute())
+                                          .where((Idempotency.created_at < cutoff)
+                                                 & Idempotency.outbox_id.not_in(live))
+                                          .execute())
         except Exception as exc:
             log.warning('inbox_prune_failed', extra={'fields': {'err': str(exc)}})
             return removed

@@ -83,8 +83,8 @@ def send(ctx, to, message, mesh=None, priority=None, meta=None, reply_to_id=None
     now = now_ms()
     expires_at = now + int((ttl or daemon.timings['outbox_ttl']) * 1000)
     row_id = str(uuid.uuid4())
-    with storage_db.writing():
-        existing = _decide(cmid, fingerprint)
+    def accept():
+        existing = _decide(cmid, fingerprint)  # again: a concurrent send may have won
         if existing is None:
             Outbox.create(id=row_id, client_message_id=cmid, request_fingerprint=fingerprint,
                           payload=body, enqueued_at=now, attempts=0, next_attempt_at=now,
@@ -96,6 +96,9 @@ def send(ctx, to, message, mesh=None, priority=None, meta=None, reply_to_id=None
                           expires_at=expires_at)
             Idempotency.create(client_message_id=cmid, request_fingerprint=fingerprint,
                                outbox_id=row_id, created_at=now)
+        return existing
+    # Committed before `send` answers: an accepted message survives a crash (DESIGN.md 6).
+    existing = storage_db.write(accept)
     if existing is not None:
         return existing
     daemon.wake_drain()

@@ -15,6 +15,7 @@ import time
 
 import gevent
 import gevent.event
+import gevent.pool
 import websocket
 
 from meshd.log import iso_from_ms
@@ -22,6 +23,7 @@ from meshd.log import iso_from_ms
 log = logging.getLogger(__name__)
 
 BACKOFF_STEPS = (1, 2, 4, 8, 16, 30)
+PUSH_CONCURRENCY = 32  # pushes stored at once per link; their commits are grouped
 STOPPED = object()  # a classification that ends the reconnect loop
 
 # Close reasons of spec/wire.md §1 and what meshd's daemon makes of them.
@@ -68,6 +70,9 @@ class Link:
         self._last_error_frame = None
         self._last_code = self._last_reason = None
         self._greenlet = None
+        # Pushes are stored concurrently so that the group writer commits them together;
+        # a full pool blocks the read loop, which is the backpressure on the broker.
+        self._pushes = gevent.pool.Pool(PUSH_CONCURRENCY)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -370,14 +375,17 @@ class Link:
                 waiter.set(frame if kind == reply_type else None)
             return
         if kind in ('push', 'inbound'):
-            try:
-                self.on_push(frame)
-            except Exception:
-                log.exception('push handling failed')
+            self._pushes.spawn(self._handle_push, frame)
             return
         if kind == 'error':
             self._log('warning', 'broker_error', code=frame.get('code'),
                       message=frame.get('message'))
+
+    def _handle_push(self, frame):
+        try:
+            self.on_push(frame)
+        except Exception:
+            log.exception('push handling failed')
 
     # -- hooks for subclasses ----------------------------------------------------------
 

@@ -36,9 +36,10 @@ class Stream:
     the connection closes, a write fails or the server stops (`conn.stopping` is set).
     """
 
-    def __init__(self, result, run):
+    def __init__(self, result, run, cancel=None):
         self.result = result
         self.run = run
+        self.cancel = cancel  # undoes what the handler set up when the stream never starts
 
 
 class Connection:
@@ -184,15 +185,16 @@ class RpcServer:
         try:
             while not self.stopping.is_set():
                 try:
-                    line = rfile.readline(MAX_LINE + 1)
+                    line = rfile.readline(MAX_LINE + 2)
                 except OSError:
                     break
                 if not line:
                     break  # the client half-closed: answer nothing more, but keep streaming
-                if len(line) > MAX_LINE:
+                if len(line) - line.endswith(b'\n') > MAX_LINE:
                     conn.send(error_response(None, RpcError.of(
                         INVALID_REQUEST, 'payload_too_large',
                         'line longer than %d bytes' % MAX_LINE)))
+                    _discard_input(conn.sock)
                     return
                 if not line.strip():
                     continue
@@ -225,10 +227,13 @@ class RpcServer:
             return self._handle_batch(conn, message)
         answer, stream = self._call(conn, message)
         if answer is not None and not conn.send(answer):
+            if stream is not None and stream.cancel is not None:
+                stream.cancel()
             return False
         if stream is not None:
             conn.stream = self._streams.spawn(self._run_stream, conn, stream)
-        return True
+        # A failed `auth` on TCP leaves the connection unauthenticated: close it.
+        return conn.authenticated
 
     def _handle_unauthenticated(self, conn, message):
         if not (isinstance(message, dict) and message.get('method') == 'auth'):
@@ -300,7 +305,10 @@ class RpcServer:
         if isinstance(result, Stream):
             stream, result = result, result.result
         if is_notification:
-            return None, None  # a notification never streams: there is no answer to follow
+            # A notification never streams (there is no answer to follow it).
+            if stream is not None and stream.cancel is not None:
+                stream.cancel()
+            return None, None
         return response(request_id, result), stream
 
     def _dispatch(self, conn, message):
@@ -345,6 +353,24 @@ class RpcServer:
                 raise RpcError.of(AUTH_ERROR, 'invalid_token', 'invalid bearer token')
             ctx.conn.authenticated = True
             return {'ok': True}
+
+
+def _discard_input(sock, limit=4 * MAX_LINE, seconds=1.0):
+    """Half-close, then read and drop what the client still sends for a moment.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy
+    the error answer before the client reads it.
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(seconds)
+        while limit > 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            limit -= len(chunk)
+    except OSError:
+        pass
 
 
 def _invalid_request(message):

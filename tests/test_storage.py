@@ -1,0 +1,387 @@
+"""The storage layer: schema and migrations, file modes, the write lock, model helpers, pruning.
+
+In-process, on file databases in short temp dirs (never `:memory:`, DESIGN.md 8), through the
+module-level `storage.db.db` that the daemon uses; every test opens its own file and closes it.
+"""
+import os
+import re
+import sqlite3
+import stat
+import uuid
+
+import gevent
+import gevent.event
+from peewee import IntegrityError
+
+from meshd.bus import EventBus
+from meshd.pruner import Pruner
+from storage import db as storage_db
+from storage import migrations
+from storage.models import MODELS, Event, Idempotency, Inbox, Outbox, Session, now_ms
+
+from tests.base import DEADLINE, MeshdTestCase
+
+DAY_MS = 24 * 3600 * 1000
+
+
+def schema_of(path):
+    """Tables, columns and indexes of the database at `path`, as PRAGMAs report them."""
+    conn = sqlite3.connect(path)
+    try:
+        tables = [row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        schema = {}
+        for table in tables:
+            columns = [(name, col_type.upper(), notnull, default, pk)
+                       for _cid, name, col_type, notnull, default, pk
+                       in conn.execute('PRAGMA table_info("%s")' % table)]
+            indexes = {}
+            for row in conn.execute('PRAGMA index_list("%s")' % table):
+                name, unique, origin, partial = row[1], row[2], row[3], row[4]
+                info = sorted(conn.execute('PRAGMA index_info("%s")' % name))
+                indexes[name] = {'unique': unique, 'origin': origin, 'partial': partial,
+                                 'columns': [column for _seqno, _cid, column in info]}
+            schema[table] = {'columns': columns, 'indexes': indexes}
+        return schema
+    finally:
+        conn.close()
+
+
+def user_version(path):
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute('PRAGMA user_version').fetchone()[0]
+    finally:
+        conn.close()
+
+
+def mode_of(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def outbox_row(**fields):
+    now = now_ms()
+    row = {'id': str(uuid.uuid4()), 'client_message_id': str(uuid.uuid4()),
+           'request_fingerprint': b'\x01' * 32, 'payload': b'hello', 'enqueued_at': now,
+           'attempts': 0, 'next_attempt_at': now, 'status': 'pending', 'mesh': 'm',
+           'target_spec': '*', 'nonce': 'bm9uY2U=', 'ciphertext': 'aGVsbG8=',
+           'expires_at': now + 7 * DAY_MS}
+    row.update(fields)
+    return row
+
+
+def inbox_row(**fields):
+    row = {'id': str(uuid.uuid4()), 'client_message_id': str(uuid.uuid4()), 'mesh': 'm',
+           'sender_pubkey': 'ab' * 32, 'sender_name': 'peer', 'body': 'hi',
+           'received_at': now_ms(), 'recipient_pubkey': None, 'recipient_kind': None}
+    row.update(fields)
+    return row
+
+
+class StorageTestCase(MeshdTestCase):
+
+    def path(self, name='meshd.db'):
+        return os.path.join(self.home, name)
+
+    def open(self, path):
+        storage_db.open_database(path)
+        self.addCleanup(storage_db.close_database)
+        return storage_db.db
+
+    def open_migrated(self, name='meshd.db'):
+        path = self.path(name)
+        database = self.open(path)
+        migrations.migrate(database, path)
+        return database
+
+
+class MigrationTest(StorageTestCase):
+
+    def test_migrating_from_zero_gives_the_schema_of_create_tables(self):
+        migrated = self.path('migrated.db')
+        database = self.open(migrated)
+        self.assertEqual(migrations.schema_version(database), 0)
+        migrations.migrate(database, migrated)
+        storage_db.close_database()
+
+        created = self.path('created.db')
+        database = self.open(created)
+        database.create_tables(MODELS)
+        storage_db.close_database()
+
+        expected, actual = schema_of(created), schema_of(migrated)
+        self.assertEqual(sorted(actual), sorted(expected))
+        for table in ('outbox', 'inbox', 'sessions', 'idempotency', 'events'):
+            self.assertIn(table, expected)
+        for table in expected:
+            self.assertEqual(actual[table]['columns'], expected[table]['columns'], table)
+            self.assertEqual(actual[table]['indexes'], expected[table]['indexes'], table)
+        # The indexes spec/daemon.md §3 names are there, with the right shape.
+        outbox, inbox = actual['outbox']['indexes'], actual['inbox']['indexes']
+        self.assertEqual(outbox['outbox_aborted']['partial'], 1)
+        self.assertEqual(inbox['inbox_dedupe'],
+                         {'unique': 1, 'origin': 'c', 'partial': 0,
+                          'columns': ['client_message_id', 'recipient_pubkey']})
+
+    def test_migrate_sets_head_and_a_second_migrate_is_a_noop(self):
+        path = self.path()
+        database = self.open(path)
+        self.assertEqual(migrations.migrate(database, path), (0, migrations.HEAD))
+        self.assertEqual(migrations.schema_version(database), migrations.HEAD)
+        with storage_db.writing():
+            Session.create(token='a' * 64, session_id='s', mesh='m', display_name='d', pid=1,
+                           registered_at=1)
+        before = schema_of(path)
+        self.assertEqual(migrations.migrate(database, path), (migrations.HEAD, migrations.HEAD))
+        self.assertEqual(migrations.schema_version(database), migrations.HEAD)
+        self.assertEqual(schema_of(path), before)
+        self.assertEqual(Session.select().count(), 1)
+        self.assertEqual([name for name in os.listdir(self.home) if 'pre-migration' in name], [])
+
+    def test_schema_newer_than_head_raises_and_changes_nothing(self):
+        path = self.path()
+        conn = sqlite3.connect(path)
+        conn.execute('CREATE TABLE future (x INTEGER)')
+        conn.execute('INSERT INTO future VALUES (42)')
+        conn.execute('PRAGMA user_version = 99')
+        conn.commit()
+        conn.close()
+        before = schema_of(path)
+        database = self.open(path)
+        with self.assertRaises(migrations.SchemaTooNewError) as caught:
+            migrations.migrate(database, path)
+        self.assertIsInstance(caught.exception, storage_db.StorageError)
+        self.assertEqual((caught.exception.found, caught.exception.head), (99, migrations.HEAD))
+        numbers = re.findall(r'\d+', str(caught.exception))
+        self.assertIn('99', numbers)
+        self.assertIn(str(migrations.HEAD), numbers)
+        storage_db.close_database()
+        self.assertEqual(user_version(path), 99)
+        self.assertEqual(schema_of(path), before)
+        conn = sqlite3.connect(path)
+        self.assertEqual(conn.execute('SELECT x FROM future').fetchall(), [(42,)])
+        conn.close()
+        self.assertEqual([name for name in os.listdir(self.home) if 'pre-migration' in name], [])
+
+    def test_existing_database_is_copied_aside_before_migrating(self):
+        path = self.path()
+        conn = sqlite3.connect(path)
+        conn.execute('CREATE TABLE notes (body TEXT)')
+        conn.execute("INSERT INTO notes VALUES ('keep me')")
+        conn.commit()
+        conn.close()
+        database = self.open(path)
+        previous = os.umask(0)
+        try:
+            self.assertEqual(migrations.migrate(database, path), (0, migrations.HEAD))
+        finally:
+            os.umask(previous)
+        copy = migrations.backup_path(path, 0)
+        self.assertTrue(os.path.exists(copy), copy)
+        self.assertEqual(mode_of(copy), 0o600, oct(mode_of(copy)))
+        # The copy is the database as it was before migration 1 ran.
+        self.assertEqual(user_version(copy), 0)
+        self.assertEqual(sorted(schema_of(copy)), ['notes'])
+        conn = sqlite3.connect(copy)
+        self.assertEqual(conn.execute('SELECT body FROM notes').fetchall(), [('keep me',)])
+        conn.close()
+        self.assertEqual(migrations.schema_version(database), migrations.HEAD)
+        self.assertIn('outbox', schema_of(path))
+
+
+class DaemonSchemaTest(StorageTestCase):
+
+    def test_daemon_refuses_a_database_newer_than_the_code(self):
+        daemon_dir = os.path.join(self.home, 'daemon')
+        os.mkdir(daemon_dir, 0o700)
+        path = os.path.join(daemon_dir, 'meshd.db')
+        conn = sqlite3.connect(path)
+        conn.execute('PRAGMA user_version = 99')
+        conn.commit()
+        conn.close()
+        os.chmod(path, 0o600)
+        daemon = self.start_daemon(wait=False)
+        self.assertEqual(daemon.wait_exit(), 1, daemon.stderr())
+        lines = [text for text in daemon.stderr().splitlines() if text.strip()]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertNotIn('Traceback', daemon.stderr())
+        numbers = re.findall(r'\d+', lines[0])
+        self.assertIn('99', numbers, lines[0])
+        self.assertIn(str(migrations.HEAD), numbers, lines[0])
+        self.assertEqual(user_version(path), 99)
+        self.assertFalse(os.path.exists(os.path.join(daemon_dir, 'meshd.sock')))
+        self.assertFalse(os.path.exists(os.path.join(daemon_dir, 'meshd.pid')))
+
+
+class FileModeTest(StorageTestCase):
+
+    def test_database_file_is_0600_even_under_umask_0(self):
+        path = self.path()
+        previous = os.umask(0)
+        try:
+            self.open_migrated()
+            with storage_db.writing():
+                Session.create(token='b' * 64, session_id='s', mesh='m', display_name='d',
+                               pid=1, registered_at=1)
+        finally:
+            os.umask(previous)
+        self.assertEqual(mode_of(path), 0o600, oct(mode_of(path)))
+        for suffix in ('-wal', '-shm'):
+            if os.path.exists(path + suffix):
+                self.assertEqual(mode_of(path + suffix), 0o600, suffix)
+        self.assertTrue(os.path.exists(path + '-wal'), 'journal_mode=wal is not in effect')
+
+
+class WriteLockTest(StorageTestCase):
+
+    def test_writing_serialises_concurrent_writers(self):
+        self.open_migrated()
+        rows, trace = 40, []
+
+        def writer(name):
+            for number in range(rows):
+                with storage_db.writing():
+                    trace.append(('begin', name))
+                    Idempotency.create(client_message_id='%s-%d' % (name, number),
+                                       request_fingerprint=b'\x00' * 32, outbox_id='o',
+                                       created_at=number)
+                    gevent.sleep(0)  # let the other writer run while the transaction is open
+                    trace.append(('commit', name))
+                gevent.sleep(0)  # and between transactions, so that both contend throughout
+
+        greenlets = [gevent.spawn(writer, 'a'), gevent.spawn(writer, 'b')]
+        gevent.joinall(greenlets, timeout=DEADLINE)
+        for greenlet in greenlets:
+            self.assertTrue(greenlet.ready(), 'a writer is stuck')
+            if not greenlet.successful():
+                raise greenlet.exception  # e.g. OperationalError: database is locked
+        self.assertEqual(Idempotency.select().count(), 2 * rows)
+        for name in ('a', 'b'):
+            self.assertEqual(Idempotency.select()
+                             .where(Idempotency.client_message_id.startswith(name + '-'))
+                             .count(), rows)
+        # Transactions never overlapped: every begin is followed by its own commit.
+        self.assertEqual(len(trace), 4 * rows)
+        for begin, commit in zip(trace[0::2], trace[1::2]):
+            self.assertEqual((begin[0], commit[0]), ('begin', 'commit'), trace)
+            self.assertEqual(begin[1], commit[1], trace)
+        # ... and the writers really ran concurrently (the lock was contended).
+        owners = [name for kind, name in trace if kind == 'begin']
+        self.assertLess(owners.index('b'), len(owners) - owners[::-1].index('a') - 1)
+
+    def test_reader_is_not_blocked_by_an_open_write_transaction(self):
+        self.open_migrated()
+        with storage_db.writing():
+            Session.create(token='c' * 64, session_id='before', mesh='m', display_name='d',
+                           pid=1, registered_at=1)
+        in_transaction, release = gevent.event.Event(), gevent.event.Event()
+
+        def writer():
+            with storage_db.writing():
+                Session.create(token='d' * 64, session_id='during', mesh='m',
+                               display_name='d', pid=1, registered_at=2)
+                in_transaction.set()
+                release.wait(DEADLINE)
+
+        def reader():
+            with storage_db.reading():
+                return sorted(row.session_id for row in Session.select())
+
+        writing = gevent.spawn(writer)
+        try:
+            self.assertTrue(in_transaction.wait(DEADLINE))
+            reading = gevent.spawn(reader)
+            reading.join(DEADLINE)
+            self.assertTrue(reading.ready(), 'the reader waited for the writer')
+            self.assertFalse(writing.ready())
+            self.assertTrue(reading.successful(), reading.exception)
+            self.assertEqual(reading.value, ['before'])  # the uncommitted row is invisible
+        finally:
+            release.set()
+            writing.join(DEADLINE)
+        self.assertTrue(writing.successful(), writing.exception)
+        self.assertEqual(Session.select().count(), 2)
+
+
+class ModelTest(StorageTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.open_migrated()
+
+    def test_recover_inflight_resets_only_inflight_rows(self):
+        old = now_ms() - 60000
+        with storage_db.writing():
+            for status in ('pending', 'inflight', 'done', 'dead', 'aborted'):
+                Outbox.create(**outbox_row(id=status, status=status, attempts=3,
+                                           next_attempt_at=old))
+            Outbox.create(**outbox_row(id='inflight-2', status='inflight', attempts=7,
+                                       next_attempt_at=old))
+        now = now_ms()
+        with storage_db.writing():
+            self.assertEqual(Outbox.recover_inflight(now), 2)
+        rows = {row.id: row for row in Outbox.select()}
+        for row_id, attempts in (('inflight', 3), ('inflight-2', 7)):
+            self.assertEqual(rows[row_id].status, 'pending')
+            self.assertEqual(rows[row_id].attempts, attempts)
+            self.assertEqual(rows[row_id].next_attempt_at, now)
+        for status in ('pending', 'done', 'dead', 'aborted'):
+            self.assertEqual(rows[status].status, status)
+            self.assertEqual(rows[status].attempts, 3)
+            self.assertEqual(rows[status].next_attempt_at, old)
+
+    def test_inbox_in_scope_returns_unscoped_own_session_and_own_member_rows(self):
+        session, member = '5e' * 32, '3b' * 32
+        recipients = {'legacy': None, 'mine': session, 'member': member,
+                      'sibling': '7c' * 32, 'other-member': '9d' * 32}
+        with storage_db.writing():
+            for row_id, recipient in recipients.items():
+                Inbox.create(**inbox_row(id=row_id, recipient_pubkey=recipient))
+        scoped = sorted(row.id for row in Inbox.select().where(Inbox.in_scope((session, member))))
+        self.assertEqual(scoped, ['legacy', 'member', 'mine'])
+        everything = sorted(row.id for row in Inbox.select().where(Inbox.in_scope(None)))
+        self.assertEqual(everything, sorted(recipients))
+
+    def test_inbox_dedupe_index_is_per_recipient(self):
+        with storage_db.writing():
+            Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32))
+        with self.assertRaises(IntegrityError):
+            with storage_db.writing():
+                Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32))
+        with storage_db.writing():
+            Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='bb' * 32))
+        self.assertEqual(Inbox.select().where(Inbox.client_message_id == 'cm-1').count(), 2)
+
+
+class PrunerTest(StorageTestCase):
+
+    def test_pruner_deletes_only_rows_past_retention(self):
+        self.open_migrated()
+        now = now_ms()
+        old, edge, recent = now - 31 * DAY_MS, now - 30 * DAY_MS, now - 29 * DAY_MS
+        with storage_db.writing():
+            for name, received in (('old', old), ('edge', edge), ('recent', recent)):
+                Inbox.create(**inbox_row(id='inbox-' + name, received_at=received))
+            for status in ('pending', 'inflight', 'done', 'dead', 'aborted'):
+                Outbox.create(**outbox_row(id='old-' + status, status=status, enqueued_at=old))
+                Outbox.create(**outbox_row(id='recent-' + status, status=status,
+                                           enqueued_at=recent))
+            for name, created in (('old', old), ('recent', recent)):
+                Idempotency.create(client_message_id='key-' + name,
+                                   request_fingerprint=b'\x02' * 32, outbox_id='recent-done',
+                                   created_at=created)
+        removed = Pruner(EventBus('epoch-x')).step(now=now)
+        self.assertEqual(removed.get('inbox'), 1, removed)
+        self.assertEqual(removed.get('outbox'), 3, removed)
+        self.assertEqual(removed.get('idempotency'), 1, removed)
+        self.assertEqual(sorted(row.id for row in Inbox.select()), ['inbox-edge', 'inbox-recent'])
+        self.assertEqual(sorted(row.id for row in Outbox.select()),
+                         sorted(['old-pending', 'old-inflight']
+                                + ['recent-' + status for status in
+                                   ('pending', 'inflight', 'done', 'dead', 'aborted')]))
+        self.assertEqual([row.client_message_id for row in Idempotency.select()], ['key-recent'])
+        # A second pass finds nothing more to do.
+        again = Pruner(EventBus('epoch-x')).step(now=now)
+        self.assertEqual((again.get('inbox'), again.get('outbox'), again.get('idempotency')),
+                         (0, 0, 0))
+        self.assertEqual(Event.select().count(), 0)
