@@ -36,6 +36,16 @@ def _print_json(value):
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
+def _report(as_json, value, text, code=None):
+    """Print `value` as JSON or `text` for people; then exit with `code` when one is given."""
+    if as_json:
+        _print_json(value)
+    else:
+        print(text)
+    if code is not None:
+        sys.exit(code)
+
+
 def _client(paths, timeout=5.0):
     try:
         return RpcClient(socket_path=paths.socket, timeout=timeout).connect()
@@ -167,10 +177,8 @@ def _spawn_detached(paths, flags, as_json):
     running = _probe(paths)
     if running is not None:
         pid = read_running_pid(paths.pid_file)
-        if as_json:
-            _print_json({'ok': True, 'detached': True, 'pid': pid, 'already_running': True})
-        else:
-            print('daemon already running (pid %s)' % pid)
+        _report(as_json, {'ok': True, 'detached': True, 'pid': pid, 'already_running': True},
+                'daemon already running (pid %s)' % pid)
         return
     files.ensure_private_dir(paths.daemon_dir)
     log_fd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -191,16 +199,13 @@ def _spawn_detached(paths, flags, as_json):
             fail('✘ daemon exited with status %d: %s (log: %s)'
                  % (code, ' | '.join(tail) or 'no output', paths.log), code or 1)
         if _probe(paths, timeout=1.0) is not None:
-            if as_json:
-                _print_json({'ok': True, 'detached': True, 'pid': child.pid, 'log': paths.log})
-            else:
-                print('✔ daemon started (pid %d)\n→ log: %s\n→ stop: meshd daemon down'
-                      % (child.pid, paths.log))
+            _report(as_json, {'ok': True, 'detached': True, 'pid': child.pid, 'log': paths.log},
+                    '✔ daemon started (pid %d)\n→ log: %s\n→ stop: meshd daemon down'
+                    % (child.pid, paths.log))
             return
         time.sleep(0.1)
     if as_json:
-        _print_json({'ok': False, 'reason': 'socket_not_appeared', 'log': paths.log})
-        sys.exit(1)
+        _report(True, {'ok': False, 'reason': 'socket_not_appeared', 'log': paths.log}, '', 1)
     fail('✘ daemon spawn timeout: socket did not answer within %ds (log: %s)'
          % (SPAWN_TIMEOUT, paths.log))
 
@@ -211,10 +216,7 @@ def down(*, json=False):
     paths = Paths()
     pid = read_running_pid(paths.pid_file)
     if pid is None:
-        if json:
-            _print_json({'stopped': False, 'reason': 'not_running'})
-        else:
-            print('daemon: not running')
+        _report(json, {'stopped': False, 'reason': 'not_running'}, 'daemon: not running')
         return
     try:
         os.kill(pid, signal.SIGTERM)
@@ -223,15 +225,11 @@ def down(*, json=False):
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
         if _process_gone(pid):
-            if json:
-                _print_json({'stopped': True, 'pid': pid})
-            else:
-                print('daemon: stopped (was pid %d)' % pid)
+            _report(json, {'stopped': True, 'pid': pid}, 'daemon: stopped (was pid %d)' % pid)
             return
         time.sleep(0.1)
     if json:
-        _print_json({'stopped': False, 'pid': pid, 'reason': 'shutdown_timeout'})
-        sys.exit(1)
+        _report(True, {'stopped': False, 'pid': pid, 'reason': 'shutdown_timeout'}, '', 1)
     fail('daemon: pid %d did not exit within %ds' % (pid, STOP_TIMEOUT))
 
 
@@ -241,21 +239,14 @@ def status(*, json=False):
     paths = Paths()
     pid = read_running_pid(paths.pid_file)
     if pid is None:
-        if json:
-            _print_json({'running': False})
-        else:
-            print('daemon: not running')
-        sys.exit(1)
+        _report(json, {'running': False}, 'daemon: not running', code=1)
     try:
         with RpcClient(socket_path=paths.socket, timeout=5.0) as client:
             version = client.call('daemon.version')
             health = client.call('daemon.health')
     except (RpcConnectionError, RpcCallError) as exc:
-        if json:
-            _print_json({'running': True, 'pid': pid, 'ipc_error': str(exc)})
-        else:
-            print('daemon: pid %d alive but IPC unreachable (%s)' % (pid, exc))
-        sys.exit(1)
+        _report(json, {'running': True, 'pid': pid, 'ipc_error': str(exc)},
+                'daemon: pid %d alive but IPC unreachable (%s)' % (pid, exc), code=1)
     if json:
         _print_json({'running': True, 'pid': pid, 'version': version, 'health': health})
         return
@@ -275,10 +266,8 @@ def accept_host(*, json=False):
     paths = Paths()
     files.ensure_private_dir(paths.daemon_dir)
     record = fingerprint.write_record(paths.fingerprint, fingerprint.HostIdentity())
-    if json:
-        _print_json({'ok': True, 'fingerprint_prefix': record['fingerprint'][:16]})
-    else:
-        print('host fingerprint accepted: %s…' % record['fingerprint'][:16])
+    _report(json, {'ok': True, 'fingerprint_prefix': record['fingerprint'][:16]},
+            'host fingerprint accepted: %s…' % record['fingerprint'][:16])
 
 
 # -- raw calls and listings ------------------------------------------------------------

@@ -254,17 +254,17 @@ class Daemon:
             'presence': 'yes' if info.presence else 'no'}})
         self._open_session_link(info)
         self.wake_drain()
-        self._publish('system', {'event': 'session_registered', 'mesh': info.mesh,
-                                 'session_id': info.session_id,
-                                 'display_name': info.display_name,
-                                 'token_prefix': info.token_prefix})
+        self._publish_session_event('session_registered', info)
 
     def _on_session_deregistered(self, info):
         link = self.session_links.pop(info.token, None)
         if link is not None:
             link.close()
-        self._publish('system', {'event': 'session_deregistered', 'mesh': info.mesh,
-                                 'session_id': info.session_id,
+        self._publish_session_event('session_deregistered', info)
+
+    def _publish_session_event(self, event, info):
+        """A `system` event telling subscribers that a local session came or went."""
+        self._publish('system', {'event': event, 'mesh': info.mesh, 'session_id': info.session_id,
                                  'display_name': info.display_name,
                                  'token_prefix': info.token_prefix})
 
