@@ -46,7 +46,14 @@ def _report(as_json, value, text, code=None):
         sys.exit(code)
 
 
-def _client(paths, timeout=5.0):
+def _client(paths, timeout=5.0, spawn=True):
+    """A connection to the daemon, starting it first when needed (spec/daemon.md §10.2)."""
+    from meshd import autospawn
+    state, detail = autospawn.ensure_daemon(paths, _entry_command(), allow_spawn=spawn)
+    if state == 'started':
+        print('[meshd] info daemon started automatically (%s)' % detail, file=sys.stderr)
+    elif state != 'up':
+        fail('✘ daemon not reachable — %s: %s (check %s)' % (state, detail, paths.log))
     try:
         return RpcClient(socket_path=paths.socket, timeout=timeout).connect()
     except RpcConnectionError as exc:
@@ -280,8 +287,10 @@ def accept_host(*, json=False):
 @argh.arg('--no-session', default=False, action='store_true',
           help='do not attach the session of MESHD_SESSION_TOKEN_FILE')
 @argh.arg('--timeout', default=5.0, type=float, help='seconds to wait for one answer')
+@argh.arg('--no-spawn', default=False, action='store_true',
+          help='do not start the daemon when it is not running')
 def call(method, params, *, tcp=False, tcp_port=config_mod.DEFAULT_TCP_PORT, no_session=False,
-         timeout=5.0):
+         timeout=5.0, no_spawn=False):
     """Send one raw JSON-RPC request and print the result as JSON."""
     try:
         parsed = json.loads(params) if params is not None else {}
@@ -294,6 +303,7 @@ def call(method, params, *, tcp=False, tcp_port=config_mod.DEFAULT_TCP_PORT, no_
         token = (files.read_text(paths.token) or '').strip()
         client = RpcClient(tcp_address='127.0.0.1:%d' % tcp_port, timeout=timeout)
     else:
+        _client(paths, timeout, spawn=not no_spawn).close()  # starts the daemon if needed
         client = RpcClient(socket_path=paths.socket, timeout=timeout)
     try:
         client.connect()
@@ -429,8 +439,11 @@ def sessions(*, json=False):
 @argh.arg('--priority', default=None, choices=('now', 'next', 'low'), help='delivery priority')
 @argh.arg('--ttl', default=None, type=int, help='seconds the message may wait (default 7 days)')
 @argh.arg('--client-message-id', default=None, help='idempotency key (a retry reuses it)')
+@argh.arg('--no-spawn', default=False, action='store_true',
+          help='do not start the daemon when it is not running')
 @argh.arg('--json', default=False, action='store_true', help='machine-readable output')
-def send(to, *message, mesh=None, priority=None, ttl=None, client_message_id=None, json=False):
+def send(to, *message, mesh=None, priority=None, ttl=None, client_message_id=None,
+         no_spawn=False, json=False):
     """Send a message; it is durable in the outbox when this returns."""
     text = ' '.join(message)
     if text == '-':
@@ -443,7 +456,7 @@ def send(to, *message, mesh=None, priority=None, ttl=None, client_message_id=Non
         if value is not None:
             params[key] = value
     paths = Paths()
-    client = _client(paths, timeout=8.0)
+    client = _client(paths, timeout=8.0, spawn=not no_spawn)
     try:
         _attach(client)
         result = client.call('send', params)
@@ -578,10 +591,12 @@ def launch(*command, name=None, mesh=None, role=None, groups=None, resume=None):
     """Run an agent as a registered session until it exits."""
     from meshd import launch as launch_mod
     from meshd.exceptions import MeshdError
+    paths = Paths()
     try:
-        status_code = launch_mod.run(Paths(), list(command) or ['claude'], mesh=mesh, name=name,
+        status_code = launch_mod.run(paths, list(command) or ['claude'], mesh=mesh, name=name,
                                      role=role, groups=groups, resume=resume,
-                                     out=lambda line: print(line, file=sys.stderr))
+                                     out=lambda line: print(line, file=sys.stderr),
+                                     ensure=lambda: _client(paths).close())
     except MeshdError as exc:
         fail('✘ launch: %s' % exc, 2 if isinstance(exc, ConfigError) else 1)
     sys.exit(status_code)

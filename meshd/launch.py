@@ -39,8 +39,12 @@ def pick_mesh(config, requested):
     raise LaunchError('several meshes joined (%s); pick one with --mesh' % ', '.join(meshes))
 
 
-def run(paths, command, mesh=None, name=None, role=None, groups=None, resume=None, out=print):
-    """Register a session, run `command` under it, deregister; return the child's status."""
+def run(paths, command, mesh=None, name=None, role=None, groups=None, resume=None, out=print,
+        ensure=None):
+    """Register a session, run `command` under it, deregister; return the child's status.
+
+    `ensure()` makes sure a daemon answers (the CLI starts one when needed).
+    """
     config = config_mod.load_config(paths.config)
     slug = pick_mesh(config, mesh)
     entry = config_mod.mesh_by_slug(config, slug)
@@ -68,6 +72,8 @@ def run(paths, command, mesh=None, name=None, role=None, groups=None, resume=Non
     if groups:
         params['groups'] = ['@' + g.lstrip('@') for g in groups.split(',') if g.strip()]
     try:
+        if ensure is not None:
+            ensure()
         with RpcClient(socket_path=paths.socket, timeout=5.0) as client:
             client.call('sessions.register', params)
             client.call('session.attach', {'token': token})

@@ -52,6 +52,29 @@ class DetachedDaemonTest(MeshdTestCase):
         self.assertIn('config unreadable', result.stderr)
 
 
+class AutoStartTest(MeshdTestCase):
+
+    def tearDown(self):
+        self.run_cli('daemon', 'down')
+
+    def test_a_verb_starts_the_daemon_once_and_later_verbs_use_it(self):
+        first = self.run_cli('inbox', '--json')
+        self.assertEqual(first.returncode, 0, first.stderr)
+        self.assertIn('[meshd] info daemon started automatically', first.stderr)
+        self.assertEqual(json.loads(first.stdout), [])
+        second = self.run_cli('call', 'daemon.version')
+        self.assertEqual(second.returncode, 0, second.stderr)
+        self.assertNotIn('started automatically', second.stderr)
+        log = open(os.path.join(self.home, 'daemon', 'daemon.log')).read()
+        self.assertEqual(log.count('"msg":"daemon_started"'), 1)
+
+    def test_call_with_no_spawn_does_not_start_it(self):
+        result = self.run_cli('call', '--no-spawn', 'daemon.version')
+        self.assertEqual(result.returncode, 1)
+        self.assertIn('not running (auto-start is off)', result.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.home, 'daemon', 'meshd.sock')))
+
+
 class CallTest(MeshdTestCase):
 
     def setUp(self):
@@ -110,11 +133,11 @@ class CallTest(MeshdTestCase):
                          'requeue failed (conflict): row not found, already aborted, or already done')
         self.assertEqual(self.run_cli('outbox', 'requeue').returncode, 2)
 
-    def test_verbs_without_a_daemon_say_so_in_one_line(self):
+    def test_verbs_without_a_daemon_say_so_in_one_line_when_auto_start_is_off(self):
         self.daemon.stop()
         wait_for(lambda: not os.path.exists(self.daemon.socket), what='socket removal')
         for args in (('inbox',), ('call', 'daemon.health'), ('sessions',)):
-            result = self.run_cli(*args)
+            result = self.run_cli(*args, env={'MESHD_NO_AUTOSPAWN': '1'})
             self.assertEqual(result.returncode, 1)
             self.assertIn('daemon not reachable', result.stderr)
             self.assertEqual(len(result.stderr.strip().splitlines()), 1)
