@@ -34,8 +34,9 @@ def _token_from_link(link):
         match = re.search(r'/join/([^/?#]+)', parsed.path)
         if match:
             return match.group(1)
-        if re.search(r'/i/[^/?#]+', parsed.path):
-            raise InviteError('short /i/ invite links need the web app; ask for an ic://join/ link')
+        match = re.search(r'/i/([A-Za-z0-9]+)/?$', parsed.path)
+        if match:
+            return _resolve_code(parsed.netloc, match.group(1))
         raise InviteError('not an invite link: %s' % link)
     if RAW_TOKEN.match(link):
         return link
@@ -44,9 +45,24 @@ def _token_from_link(link):
     raise InviteError('not an invite link (expected ic://join/<token>)')
 
 
+def _resolve_code(host, code, timeout=JOIN_TIMEOUT):
+    """`/i/<code>` links: ask `GET https://<host>/api/public/invite-code/<code>` (always https)."""
+    url = 'https://%s/api/public/invite-code/%s' % (host, code)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            answer = json.loads(response.read().decode('utf-8'))
+    except (urllib.error.URLError, socket.error, ValueError) as exc:
+        raise InviteError('cannot resolve invite code at %s: %s' % (host, getattr(exc, 'reason', exc)))
+    if not isinstance(answer, dict) or not answer.get('found') or not isinstance(answer.get('token'), str):
+        raise InviteError('invite code not found: %s' % code)
+    return answer['token']
+
+
 def parse_invite(link, now=None):
     """Decode and check an invite link; return {token, payload, mesh_id, mesh_slug, broker_url,…}.
 
+    Accepts `ic://join/<token>`, `https://host[/xx]/join/<token>`, a raw token, and
+    `https://host/i/<code>` (resolved over https, the only form that touches the network).
     Raises InviteError for a malformed link, a bad signature or an expired invite.
     """
     token = _token_from_link(link)

@@ -4,6 +4,7 @@ Each function returns the JSON object the command prints, or raises AdminError w
 message the command prints as `error: <message>`. They work whether or not the broker runs: the
 broker reads mesh, member and invite rows at every hello and /join, so changes apply at once.
 """
+import json
 import os
 import re
 import time
@@ -165,6 +166,8 @@ def invite(mesh, broker_url, role='member', expires=DEFAULT_INVITE_TTL, max_uses
     result = {'link': link, 'token': token}
     if invite_code:
         result['code'] = invite_code
+    # The token carries the expiry it was minted with (a same-second twin expires earlier).
+    expires_at = json.loads(crypto.b64url_decode(token).decode('utf-8'))['expires_at']
     result.update(expires_at=expires_at, max_uses=int(max_uses), role=role)
     return result
 

@@ -65,6 +65,8 @@ def broker(*, listen=None, db=None, rate_limit='60:600', dm_ttl='7d', max_messag
         server.run()
     except (MeshdError, ValueError) as exc:
         _fail(str(exc), 2)
+    except RuntimeError as exc:     # not monkey-patched: an entry-point bug, still one line
+        _fail(str(exc), 1)
     except OSError as exc:
         _fail('cannot listen on %s: %s' % (listen or _default_listen(), exc.strerror or exc), 1)
 

@@ -19,10 +19,19 @@ ANY_HEX64 = re.compile(r'^[0-9a-fA-F]{64}$')
 
 def mint(mesh, broker_url, expires_at_s, role='member', max_uses=1, preset=None, with_code=False,
          now=None):
-    """Create a v1 invite row for `mesh`; return (link, token, code)."""
-    payload, token = crypto.mint_invite_v1(mesh.id, mesh.slug, broker_url, expires_at_s,
-                                           mesh.root_key, role, mesh.owner_pubkey,
-                                           mesh.owner_secret_key)
+    """Create a v1 invite row for `mesh`; return (link, token, code).
+
+    A v1 token is a deterministic function of its fields, so two invites minted in the same
+    second with the same fields would be the same token: such a mint expires one second
+    earlier instead, until its token is new.
+    """
+    while True:
+        payload, token = crypto.mint_invite_v1(mesh.id, mesh.slug, broker_url, expires_at_s,
+                                               mesh.root_key, role, mesh.owner_pubkey,
+                                               mesh.owner_secret_key)
+        if store.Invite.get_or_none(store.Invite.token == token) is None:
+            break
+        expires_at_s -= 1
     code = protocol.new_id(8) if with_code else None
     now = now or protocol.utcnow()
     with store.writing():

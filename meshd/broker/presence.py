@@ -72,6 +72,8 @@ class Entry(object):
         self.offline_since = None
         self.grace_timer = None
         self.grace_token = None
+        self.evicting = False
+        self.ready = False
 
     @property
     def pubkey(self):
@@ -80,8 +82,8 @@ class Entry(object):
 
     @property
     def is_live(self):
-        """Online with an open socket: the only state in which anything is drained or pushed."""
-        return self.lease == ONLINE and self.ws is not None and self.ws.is_open
+        """Online, acked and with an open socket: the only state in which anything is pushed."""
+        return self.lease == ONLINE and self.ready and self.ws is not None and self.ws.is_open
 
     def keys(self):
         """Every key that addresses this entry."""
@@ -91,6 +93,7 @@ class Entry(object):
         """Bind a socket and go online; returns the new generation."""
         self.ws = ws
         self.lease = ONLINE
+        self.ready = False      # until hello_ack is written on this socket
         self.offline_since = None
         self.generation = next(_generations)
         return self.generation
@@ -99,6 +102,7 @@ class Entry(object):
         """Go offline-leased (the socket is gone)."""
         self.ws = None
         self.lease = OFFLINE
+        self.ready = False
 
     def send(self, frame):
         """Write a frame if the entry is live; False otherwise or when the write fails."""

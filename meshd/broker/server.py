@@ -19,7 +19,7 @@ import gevent.pool
 from gevent import monkey
 from gevent.pywsgi import WSGIServer
 
-from meshd import timings as timings_mod
+from meshd import systemd, timings as timings_mod
 from meshd.broker import delivery as delivery_mod
 from meshd.broker import handshake, protocol, store
 from meshd.broker.data import DataVerbs
@@ -134,6 +134,7 @@ class BrokerServer(object):
         self._started_at = None
         self._signals = []
         self._stopped = False
+        self._instance_lock = None
         self._verbs = {
             'send': self._verb_send, 'client_ack': self.delivery.client_ack,
             'list_peers': self._verb_list_peers, 'set_status': self._verb_set_status,
@@ -162,7 +163,28 @@ class BrokerServer(object):
 
     def start(self):
         """Open and migrate the store, clean up after a previous process, bind, start the loops."""
+        try:
+            self._start()
+        except BaseException:
+            self._abort_start()
+            raise
+        log.info('meshd broker listening on %s:%d (single node; dm ttl %ds)', self.host, self.port,
+                 self.dm_ttl)
+        return self
+
+    def _abort_start(self):
+        try:
+            if self._server is not None:
+                self._server.stop(timeout=0)
+            store.close_store()
+        except Exception:
+            log.exception('cleaning up a failed start failed')
+        store.release_instance_lock(self._instance_lock)
+        self._instance_lock = None
+
+    def _start(self):
         store.open_store(self.db_url)
+        self._instance_lock = store.acquire_instance_lock(self.db_url)
         with store.connection():
             self._startup_cleanup()
         self._server = WSGIServer(
@@ -177,9 +199,6 @@ class BrokerServer(object):
         self._loop('sweeper', self._sweep_step, 'broker_sweep')
         self._loop('ttl-sweep', self._ttl_step, 'broker_ttl_sweep')
         self._loop('bucket-sweep', self.limiter.sweep, 'broker_bucket_sweep')
-        log.info('meshd broker listening on %s:%d (single node; dm ttl %ds)', self.host, self.port,
-                 self.dm_ttl)
-        return self
 
     def run(self):
         """Foreground: start, wait for SIGTERM/SIGINT, stop. A second signal exits at once."""
@@ -188,9 +207,12 @@ class BrokerServer(object):
         self.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._signals.append(gevent.signal_handler(signum, self._handle_term))
+        # The packaged unit is Type=notify: ready once the store is migrated and the port bound.
+        systemd.notify('READY=1')
         try:
             self._stop.wait()
         finally:
+            systemd.notify('STOPPING=1')
             self.stop()
 
     def _handle_term(self):
@@ -221,6 +243,12 @@ class BrokerServer(object):
         except Exception:
             log.exception('stopping the listener failed')
         try:
+            # Sleeping grace timers are cancelled; loop steps and evictions already running
+            # finish (a kill inside a query would leave its transaction half done).
+            for entry in self.registry.all():
+                if entry.grace_timer is not None and not entry.evicting:
+                    entry.grace_timer.kill(block=False)
+            self.group.join(timeout=STOP_TIMEOUT)
             self.group.kill(timeout=STOP_TIMEOUT)
         except Exception:
             log.exception('stopping the loops failed')
@@ -234,6 +262,8 @@ class BrokerServer(object):
             log.exception('marking presences disconnected failed')
         try:
             store.close_store()
+            store.release_instance_lock(self._instance_lock)
+            self._instance_lock = None
         except Exception:
             log.exception('closing the store failed')
         log.info('meshd broker stopped')
@@ -422,6 +452,10 @@ class BrokerServer(object):
                 return self._reject(ws, rejection)
         if reattach is not None and reattach.member_id != member.id:
             reattach = None     # a key claimed by another member never takes over an entry
+        # The lookups above yielded: the entry may have been evicted or reattached meanwhile.
+        if reattach is not None and (not self.registry.contains(reattach)
+                                     or (kind == 'hello' and reattach.lease != OFFLINE)):
+            reattach = None
         self._bind(conn, frame, kind, mesh, member, reattach)
 
     def _bind(self, conn, frame, kind, mesh, member, reattach):
@@ -461,6 +495,9 @@ class BrokerServer(object):
                     groups=store.dumps(entry.groups), role=entry.role, connected_at=now,
                     last_ping_at=now)
             self.registry.add(entry)
+            # Bound at once: from here an exception still ends in this socket's close path.
+            entry.attach(ws)
+            conn.entry = entry
             self._apply_pending_status(entry, now)
         else:
             entry = reattach
@@ -474,12 +511,12 @@ class BrokerServer(object):
             entry.cwd = frame['cwd']
             if display_name:
                 entry.display_name = display_name
+            entry.attach(ws)
+            conn.entry = entry
             with store.writing():
                 (store.Presence.update(disconnected_at=None, last_ping_at=now, cwd=frame['cwd'],
                                        display_name=entry.display_name)
                  .where(store.Presence.id == entry.presence_id).execute())
-        entry.attach(ws)
-        conn.entry = entry
         hook = self.fault_hooks.get('before_hello_ack')
         if hook is not None:
             hook(entry)
@@ -500,6 +537,8 @@ class BrokerServer(object):
             entry.grace_timer = None
         entry.grace_token = None
         ws.send_json(self._hello_ack(frame, kind, mesh, member, entry, peer_state, is_new))
+        # Only now may other greenlets push to it (events, drains): hello_ack comes first.
+        entry.ready = True
         log.info('%s accepted: presence %s (%s)', kind, entry.presence_id,
                  'new' if is_new else 'reattached')
         if is_new:
@@ -575,10 +614,11 @@ class BrokerServer(object):
             self._go_offline(entry, ws)
 
     def _evict(self, entry, token):
+        if (self._stopped or entry.lease != OFFLINE or entry.grace_token is not token
+                or not self.registry.contains(entry)):
+            return
+        entry.evicting = True
         with store.connection():
-            if (entry.lease != OFFLINE or getattr(entry, 'grace_token', None) is not token
-                    or not self.registry.contains(entry)):
-                return
             self.registry.remove(entry)
             entry.grace_timer = None
             self._mark_disconnected(entry)

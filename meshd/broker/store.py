@@ -11,6 +11,7 @@ Every write goes through `writing()`: one process-wide cooperative lock around t
 to one module-level proxy, initialised by `open_store()`.
 """
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -426,6 +427,29 @@ def open_store(url=None, migrate_schema=True):
     except peewee.PeeweeException as exc:
         raise StorageError('cannot open broker database: %s' % exc)
     return db
+
+
+def acquire_instance_lock(url):
+    """Hold an exclusive flock next to an SQLite database; return the open file, or None for
+    PostgreSQL. Leases and connections live in one process's memory, so a second broker on the
+    same database is refused (field lesson 79)."""
+    path = sqlite_path(url or default_path())
+    if path is None:
+        return None
+    lock_path = path + '.lock'
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StorageError('another meshd broker is using %s (single node only)' % path)
+    return fd
+
+
+def release_instance_lock(fd):
+    """Release the lock taken by acquire_instance_lock()."""
+    if fd is not None:
+        os.close(fd)
 
 
 def close_store():

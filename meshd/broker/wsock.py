@@ -182,6 +182,12 @@ class BrokerHandler(WebSocketHandler):
     """WebSocketHandler that upgrades to BrokerWebSocket instead of the library's class."""
 
     def upgrade_connection(self):
+        # Frames are small and written back to back (an ack, then a push or a reply): without
+        # TCP_NODELAY, Nagle holds the second until the peer's delayed ACK, 40 ms later.
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
         result = super(BrokerHandler, self).upgrade_connection()
         original = getattr(self, 'websocket', None)
         if original is not None and not isinstance(original, BrokerWebSocket):

@@ -96,6 +96,22 @@ class DeliveryMixin(BrokerTestMixin):
         self.assertEqual(crypto.open_dm(push['nonce'], push['ciphertext'], self.alice.pub,
                                         self.bob.sec), b'while away')
 
+    def test_evicted_session_key_is_a_known_offline_recipient(self):
+        self.broker.t['broker_grace'] = 0.05
+        keys = crypto.generate_keypair()
+        bob_session, _, _ = self.session(self.bob, session_keys=keys)
+        bob_session.close()
+        wait_for(lambda: not self.broker.registry.all())      # evicted, row disconnected
+        alice_peer, _ = self.hello(self.alice)
+        ack = self.send_ok(alice_peer, dm_frame(self.alice.sec, keys[0], 'for the session'))
+        bob_daemon, _ = self.hello(self.bob)
+        bob_daemon.expect_nothing()                           # sealed to the session key only
+        again, _, _ = self.session(self.bob, session_keys=keys)
+        push = again.expect('push')
+        self.assertEqual(push['messageId'], ack['messageId'])
+        self.assertEqual(crypto.open_dm(push['nonce'], push['ciphertext'], self.alice.pub, keys[1]),
+                         b'for the session')
+
     def test_offline_row_expires_after_ttl(self):
         alice_peer, _ = self.hello(self.alice)
         ack = self.send_ok(alice_peer, dm_frame(self.alice.sec, self.bob.pub, 'gone soon'))

@@ -112,6 +112,17 @@ class HandshakeMixin(BrokerTestMixin):
         peer.send(hello_frame(self.alice))
         self.assertEqual(peer.recv()['type'], 'hello_ack')
 
+    def test_binary_frames_query_string_and_other_paths(self):
+        import websocket
+        from tests.broker.base import Peer
+        peer = Peer(self.url + '?x=1')              # PATH_INFO is /ws: accepted
+        self.addCleanup(peer.close)
+        peer.send_raw(json.dumps(hello_frame(self.alice)).encode('utf-8'), websocket.ABNF.OPCODE_BINARY)
+        self.assertEqual(peer.recv()['type'], 'hello_ack')
+        with self.assertRaises(websocket.WebSocketBadStatusException) as ctx:
+            Peer(self.url.replace('/ws', '/other'))
+        self.assertEqual(ctx.exception.status_code, 404)
+
     # ------------------------------------------------------------------ session_hello
 
     def session_frame(self, **kw):

@@ -70,6 +70,13 @@ class HttpMixin(BrokerTestMixin):
         self.assertEqual(self.http_post('/join', self.join_body(minted)),
                          (400, {'ok': False, 'error': 'invite_exhausted'}))
 
+    def test_invite_code_lookup(self):
+        minted = self.mint(code=True)
+        status, body, _ = self.http_get('/api/public/invite-code/' + minted['code'])
+        self.assertEqual((status, json.loads(body)), (200, {'found': True, 'token': minted['token']}))
+        status, body, _ = self.http_get('/api/public/invite-code/nothere1')
+        self.assertEqual(json.loads(body), {'found': False})
+
     def test_expired_invite(self):
         minted = self.mint()
         with store.connection():

@@ -75,6 +75,20 @@ class AdminVerbsMixin(BrokerTestMixin):
         closed = bob_daemon.expect_close()
         self.assertEqual((closed.code, closed.reason), (1000, 'disconnected'))
 
+    def test_disconnect_all_and_kick_stale(self):
+        bob_daemon, _ = self.hello(self.bob)
+        bob_session, _, _ = self.session(self.bob, displayName='bob-s')
+        self.owner_peer.send({'type': 'kick', 'stale': 3600000, '_reqId': 's'})
+        self.assertEqual(self.owner_peer.expect('kick_ack', skip=('push',))['affected'], [])
+        self.owner_peer.send({'type': 'disconnect', 'all': True, '_reqId': 'a'})
+        ack = self.owner_peer.expect('disconnect_ack', skip=('push',))
+        self.assertEqual(sorted(ack['affected']), ['bob', 'bob-s'])
+        self.assertNotIn('skipped_control_plane', ack)
+        for peer in (bob_daemon, bob_session):
+            closed = peer.expect_close()
+            self.assertEqual((closed.code, closed.reason), (1000, 'disconnected'))
+        self.assertEqual([e.display_name for e in self.broker.registry.all()], ['owner'])
+
     def test_ban_closes_4002_and_blocks_hello(self):
         bob_daemon, _ = self.hello(self.bob)
         self.owner_peer.send({'type': 'ban', 'target': 'bob', '_reqId': 'b1'})

@@ -69,6 +69,22 @@ class SigtermTest(unittest.TestCase):
         proc.stderr.close()
 
 
+class SingleInstanceTest(unittest.TestCase):
+
+    def test_second_broker_on_the_same_database_is_refused(self):
+        from tests.broker.base import start_broker
+        from meshd.broker.server import BrokerServer
+        with start_broker() as first:
+            second = BrokerServer(listen='127.0.0.1:0', db=first.db_url)
+            with self.assertRaises(StorageError) as ctx:
+                second.start()
+            self.assertIn('another meshd broker is using', str(ctx.exception))
+            store.open_store(first.db_url)      # the refused start closed the shared store
+        third = BrokerServer(listen='127.0.0.1:0', db=first.db_url)
+        third.start()
+        third.stop()
+
+
 class MigrationTest(unittest.TestCase):
 
     def setUp(self):

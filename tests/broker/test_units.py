@@ -1,7 +1,10 @@
 """Socket-free units of the broker: rate buckets, option parsing, group matching, grants."""
+import os
+import shutil
+import tempfile
 import unittest
 
-from meshd.broker import delivery, ratelimit, server
+from meshd.broker import admin, delivery, ratelimit, server, store
 from meshd.broker.presence import group_targets, normalise_groups
 from meshd.exceptions import ConfigError
 
@@ -74,3 +77,20 @@ class RoutingRulesTest(unittest.TestCase):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class InviteMintTest(unittest.TestCase):
+
+    def test_two_identical_invites_in_one_second_get_distinct_tokens(self):
+        """Two v1 invites minted in the same second with the same fields collided on the
+        unique token and broker-admin died with a traceback."""
+        tmp = tempfile.mkdtemp(prefix='meshd-', dir='/tmp')
+        self.addCleanup(shutil.rmtree, tmp, True)
+        store.open_store(os.path.join(tmp, 'broker.db'))
+        self.addCleanup(store.close_store)
+        with store.connection():
+            admin.create_mesh('Team', slug='team')
+            first = admin.invite('team', 'ws://127.0.0.1:7900/ws')
+            second = admin.invite('team', 'ws://127.0.0.1:7900/ws')
+        self.assertNotEqual(first['token'], second['token'])
+        self.assertEqual(second['expires_at'], first['expires_at'] - 1)
