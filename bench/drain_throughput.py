@@ -49,7 +49,7 @@ def wait(predicate, timeout=120):
         value = predicate()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(0.2)
     raise RuntimeError('timed out')
 
 
@@ -92,8 +92,8 @@ def run(count, durability):
                 assert 'result' in answer, answer
         accepted = time.monotonic() - start
         client.close()
-        wait(lambda: len(call('bob', 'inbox.list', {'limit': 1000, 'unread_only': True})['items'])
-             >= min(count, 1000) and _count(homes['bob']) >= count, timeout=600)
+        # Count rows in bob's database directly: polling inbox.list would load bob's daemon.
+        wait(lambda: _count(homes['bob']) >= count, timeout=600)
         delivered = time.monotonic() - start
         return accepted, delivered
     finally:
