@@ -49,12 +49,16 @@ def send(ctx, to, message, mesh=None, priority=None, meta=None, reply_to_id=None
         raise invalid_params("'priority' must be now, next or low")
     if ttl is not None and ttl <= 0:
         raise invalid_params("'ttl' must be a positive number of seconds")
-    cmid = (client_message_id or '').strip() or str(uuid.uuid4())
+    cmid = (client_message_id or '').strip()
+    # A key we mint cannot exist yet: only a caller's key needs the idempotency lookups.
+    callers_key = bool(cmid)
+    cmid = cmid or str(uuid.uuid4())
     fingerprint = bytes.fromhex(crypto.request_fingerprint(
         to, priority or 'next', message, reply_to_id, meta or None))
-    known = _known_answer(cmid, fingerprint)
-    if known is not None:
-        return known
+    if callers_key:
+        known = _known_answer(cmid, fingerprint)
+        if known is not None:
+            return known
     if to.startswith('#'):
         raise RpcError.of(INVALID_PARAMS, 'invalid_target', '#topics are not supported')
     resolution = resolve(daemon, ctx.session, to, mesh)
@@ -84,7 +88,8 @@ def send(ctx, to, message, mesh=None, priority=None, meta=None, reply_to_id=None
     expires_at = now + int((ttl or daemon.timings['outbox_ttl']) * 1000)
     row_id = str(uuid.uuid4())
     def accept():
-        existing = _decide(cmid, fingerprint)  # again: a concurrent send may have won
+        # Again inside the transaction: a concurrent send with the same key may have won.
+        existing = _decide(cmid, fingerprint) if callers_key else None
         if existing is None:
             Outbox.create(id=row_id, client_message_id=cmid, request_fingerprint=fingerprint,
                           payload=body, enqueued_at=now, attempts=0, next_attempt_at=now,

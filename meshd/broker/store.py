@@ -19,6 +19,7 @@ import urllib.parse
 
 import gevent.lock
 import peewee
+from playhouse.pool import PooledSqliteDatabase
 
 from meshd.exceptions import StorageError
 
@@ -372,7 +373,9 @@ def _open_sqlite(path):
     # The -wal and -shm companions inherit nothing from the main file; a umask keeps them private.
     old = os.umask(0o077)
     try:
-        db = peewee.SqliteDatabase(path, pragmas={
+        # Pooled: with a plain database every frame opened and closed a connection, and the
+        # close of the last one checkpointed and deleted the WAL, an fsync storm per frame.
+        db = PooledSqliteDatabase(path, max_connections=64, timeout=10, pragmas={
             'journal_mode': 'wal', 'synchronous': 'full', 'foreign_keys': 1,
             'busy_timeout': 5000})
         db.connect()
