@@ -14,7 +14,7 @@ import uuid
 from meshd import crypto
 from meshd.broker import admin, store
 from meshd.broker.server import BrokerServer
-from tests.base import DEADLINE, MeshdTestCase, short_tempdir, wait_for
+from tests.base import MeshdTestCase, short_tempdir, wait_for
 
 DAEMON_TIMINGS = {'link_backoff_scale': 0.05, 'drain_poll': 0.2, 'link_hello_timeout': 5.0,
                   'clock_check_interval': 0.5}

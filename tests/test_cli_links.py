@@ -4,9 +4,7 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 
-from meshd.broker import store
 from tests.base import DEADLINE, ENTRY, ROOT, meshd_env, short_tempdir, wait_for
 from tests.broker.base import Peer, hello_frame, Identity
 from tests.links_base import LinksTestCase

@@ -121,7 +121,7 @@ class ModesTest(MeshdTestCase):
     def test_secret_files_and_dirs_have_private_modes_under_umask_000(self):
         self.write_config([make_mesh('alpha')])
         os.chmod(self.home, 0o755)  # a home that exists wider is narrowed to 0700
-        daemon = self.start_daemon(preexec_fn=lambda: os.umask(0))
+        self.start_daemon(preexec_fn=lambda: os.umask(0))
         daemon_dir = os.path.join(self.home, 'daemon')
         self.assertEqual(_mode(self.home), 0o700)
         self.assertEqual(_mode(daemon_dir), 0o700)

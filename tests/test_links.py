@@ -174,7 +174,8 @@ class IdempotencyTest(LinksTestCase):
 
     def test_outcomes_in_every_outbox_state(self):
         alice, bob = self.member('alice'), self.member('bob')
-        da, _db = self.daemon([alice]), self.daemon([bob])
+        da = self.daemon([alice])
+        self.daemon([bob])
         params = {'to': bob['pubkey'], 'message': 'once', 'client_message_id': 'k-1'}
         first = da.call('send', params)
         self.assertFalse(first['duplicate'])
@@ -246,7 +247,7 @@ class LifecycleTest(LinksTestCase):
         da = self.start_daemon(home=da.home, timings={'link_backoff_scale': 0.05})
         wait_for(lambda: len(da.call('outbox.list', {'status': 'done'})['items']) == 20,
                  what='every row done after restart')
-        rows = self.wait_inbox(db, 20)
+        self.wait_inbox(db, 20)
         wait_for(lambda: len(self.inbox(db)) == 20, what='twenty rows')
         self.assertEqual(sorted(r['body'] for r in self.inbox(db)),
                          ['m%02d' % n for n in range(20)])

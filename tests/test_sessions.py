@@ -6,8 +6,6 @@ import signal
 import subprocess
 import uuid
 
-from rpc.client import RpcCallError
-
 from meshd import crypto, keystore
 from meshd.paths import Paths
 from storage.models import now_ms

@@ -1,6 +1,6 @@
 """The storage layer: schema and migrations, file modes, the write lock, model helpers, pruning.
 
-In-process, on file databases in short temp dirs (never `:memory:`, DESIGN.md 8), through the
+In-process, on file databases in short temp dirs (never an in-memory one, DESIGN.md 8), through the
 module-level `storage.db.db` that the daemon uses; every test opens its own file and closes it.
 """
 import os

@@ -12,7 +12,6 @@ import shutil
 import socket
 import struct
 import tempfile
-import time
 import unittest
 import urllib.request
 
@@ -21,6 +20,7 @@ import websocket
 from meshd import crypto
 from meshd.broker import admin, protocol, store
 from meshd.broker.server import BrokerServer
+from tests.base import wait_for  # noqa: F401 - the broker tests import it from here
 
 PG_ENV = 'MESHD_TEST_PG_URL'
 DEADLINE = 15.0 * float(os.environ.get('MESHD_TEST_TIME_FACTOR', '1'))
@@ -42,18 +42,6 @@ class Closed(object):
 
     def __repr__(self):
         return 'Closed(%r, %r)' % (self.code, self.reason)
-
-
-def wait_for(predicate, deadline=DEADLINE, interval=0.02, message='condition not met'):
-    """Poll `predicate` until it is true (returning its value) or fail after `deadline`."""
-    end = time.monotonic() + deadline
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(message)
-        time.sleep(interval)
 
 
 class Identity(object):
