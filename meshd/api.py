@@ -22,6 +22,7 @@ from meshd.sessions import SessionInfo
 
 log = logging.getLogger(__name__)
 
+STREAM_BACKLOG = 256  # events queued for a subscriber that stopped reading before its stream ends
 IPC_FEATURES = ['version', 'health', 'send', 'inbox', 'events', 'peers', 'profile', 'skills',
                 'state', 'memory', 'sessions']
 _HEX64 = re.compile(r'^[0-9a-fA-F]{64}$')
@@ -408,9 +409,21 @@ def events_subscribe(ctx, since_seq: int = None, epoch: str = None):
         raise invalid_params('since_seq requires epoch')
     session = ctx.session
     accept = event_filter(session, app.member_pubkey(session.mesh) if session else None)
-    queue = gevent.queue.Queue()
+    queue = gevent.queue.Queue(maxsize=STREAM_BACKLOG)
+    overflowed = []
+
+    def on_event(event):
+        if not accept(event):
+            return
+        try:
+            queue.put_nowait(event)
+        except gevent.queue.Full:
+            # A subscriber that stopped reading must not hold every later event in memory:
+            # its stream ends, and the client resumes (or resyncs) from its last seq.
+            overflowed.append(True)
+            unsubscribe()
     # Subscribe before reading the log, so nothing published meanwhile falls in a gap.
-    unsubscribe = app.bus.subscribe(lambda event: queue.put(event) if accept(event) else None)
+    unsubscribe = app.bus.subscribe(on_event)
     oldest, newest = app.bus.bounds()
     replay, resync = [], False
     if since_seq is not None:
@@ -423,12 +436,18 @@ def events_subscribe(ctx, since_seq: int = None, epoch: str = None):
 
     def run(conn):
         try:
-            last = replay[-1]['seq'] if replay else (newest if since_seq is None else since_seq)
+            # Live events at or below this bound were replayed (or predate the subscription).
+            # Live events can be delivered out of seq order (each is handed over after its own
+            # commit), so the bound stays fixed instead of following the last event sent.
+            bound = replay[-1]['seq'] if replay else (newest if since_seq is None else since_seq)
             for event in replay:
                 if not conn.send(notification('event', event)):
                     return
             keepalive = app.timings['events_keepalive']
             while not conn.closed.is_set() and not conn.stopping.is_set():
+                if overflowed:
+                    conn.close()
+                    return
                 try:
                     event = queue.get(timeout=keepalive)
                 except gevent.queue.Empty:
@@ -436,9 +455,8 @@ def events_subscribe(ctx, since_seq: int = None, epoch: str = None):
                     if not conn.send(notification('keepalive', params)):
                         return
                     continue
-                if event['seq'] <= last:
-                    continue  # already replayed
-                last = event['seq']
+                if event['seq'] <= bound:
+                    continue
                 if not conn.send(notification('event', event)):
                     return
         finally:

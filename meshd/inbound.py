@@ -60,10 +60,10 @@ def handle_push(daemon, link, frame, session_secret=None):
     if failed:
         log.warning('inbox_decrypt_failed', extra={'fields': {
             'mesh': mesh['slug'], 'sender': sender[:12], 'recipient_kind': recipient_kind}})
-    # After the commit, duplicates included: without it the broker re-pushes forever.
-    link.client_ack(_text(frame.get('client_message_id')), broker_id)
     if event is not None:
         daemon.bus.deliver(event)
+    # After the commit, duplicates included: without it the broker re-pushes forever.
+    link.client_ack(_text(frame.get('client_message_id')), broker_id)
 
 
 def _open(mesh, link, sender, nonce, ciphertext, session_secret):
@@ -119,6 +119,8 @@ def _handle_system(daemon, link, frame):
     link.forget_roster()  # a peer came, went or changed: the next resolution reads afresh
     if isinstance(pubkey, str) and pubkey and daemon.is_own_pubkey(pubkey, link.mesh['slug']):
         return  # our own sessions joining or leaving (1.34.9)
-    data = {'mesh': link.mesh['slug'], 'event': event}
-    data.update(event_data)
+    # The broker's fields first, ours last: eventData must not move the event to another
+    # mesh (the per-session stream filter keys on `mesh`).
+    data = dict(event_data)
+    data.update(mesh=link.mesh['slug'], event=event)
     daemon.publish_event(_SYSTEM_KINDS.get(event, 'system'), data)

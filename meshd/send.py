@@ -19,6 +19,7 @@ from meshd import crypto
 from meshd.log import iso_from_ms
 
 DEFAULT_TTL_S = 7 * 24 * 3600
+MAX_TTL_S = 10 * 365 * 24 * 3600  # beyond this an expiry date cannot be stored or shown
 FRAME_LIMIT = 65536
 PRIORITIES = ('now', 'next', 'low')
 _FULL_KEY = re.compile(r'^[0-9a-fA-F]{64}$')
@@ -47,8 +48,9 @@ def send(ctx, to, message, mesh=None, priority=None, meta=None, reply_to_id=None
         raise invalid_params("missing 'message'")
     if priority is not None and priority not in PRIORITIES:
         raise invalid_params("'priority' must be now, next or low")
-    if ttl is not None and ttl <= 0:
-        raise invalid_params("'ttl' must be a positive number of seconds")
+    if ttl is not None and not 0 < ttl <= MAX_TTL_S:
+        raise invalid_params("'ttl' must be a positive number of seconds, at most %d"
+                             % MAX_TTL_S)
     cmid = (client_message_id or '').strip()
     # A key we mint cannot exist yet: only a caller's key needs the idempotency lookups.
     callers_key = bool(cmid)

@@ -68,6 +68,7 @@ class Link:
         self._failures = 0
         self._last_activity = time.monotonic()
         self._last_error_frame = None
+        self._connecting = None
         self._last_code = self._last_reason = None
         self._greenlet = None
         # Pushes are stored concurrently so that the group writer commits them together;
@@ -140,9 +141,12 @@ class Link:
             self._log('warning', 'ws_reconnect_failed', url=self.url, err=str(exc))
             return self._next_delay()
         self._last_activity = time.monotonic()
+        self._connecting = ws  # close() must be able to end the handshake too
         self._log('info', 'ws_open_ok', url=self.url)
         watchdog = None
         try:
+            if self.is_closed:
+                raise LinkClosed(1000, 'closed')
             try:
                 hello = self.build_hello()
             except Exception as exc:
@@ -151,6 +155,8 @@ class Link:
             ws.send(_encode(hello))
             self._log('info', 'ws_hello_sent', url=self.url)
             self._await_hello_ack(ws)
+            if self.is_closed:  # closed while the handshake was in flight: never go open
+                raise LinkClosed(1000, 'closed')
             self._ws = ws
             ws.settimeout(None)
             self._failures = 0
@@ -170,6 +176,7 @@ class Link:
             if watchdog is not None:
                 watchdog.kill(block=False)
             self._ws = None
+            self._connecting = None
             try:
                 ws.shutdown()
             except Exception:
@@ -250,12 +257,12 @@ class Link:
                 return
 
     def _drop_socket(self):
-        ws = self._ws
-        if ws is not None:
-            try:
-                ws.shutdown()
-            except Exception:
-                pass
+        for ws in (self._ws, self._connecting):
+            if ws is not None:
+                try:
+                    ws.shutdown()
+                except Exception:
+                    pass
 
     # -- classification ----------------------------------------------------------------
 

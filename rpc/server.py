@@ -113,6 +113,7 @@ class RpcServer:
         self._pool = gevent.pool.Pool(max_clients)
         self._streams = gevent.pool.Group()
         self._servers = []
+        self._bound_socket = False
         self._connections = set()
         self._active_calls = 0
         self._idle = gevent.event.Event()
@@ -125,6 +126,7 @@ class RpcServer:
     def start(self):
         """Bind both listeners synchronously and start accepting."""
         uds = StreamServer(bind_unix_socket(self.socket_path), self._handle_uds, spawn=self._pool)
+        self._bound_socket = True  # from here on the path is ours to unlink
         uds.start()
         self._servers.append(uds)
         if self.tcp_port is not None:
@@ -151,7 +153,8 @@ class RpcServer:
             except Exception:
                 log.exception('closing a listener failed')
         try:
-            if self.socket_path and os.path.exists(self.socket_path):
+            # Never unlink a path another process serves on (a start that failed to bind).
+            if self._bound_socket and os.path.exists(self.socket_path):
                 os.unlink(self.socket_path)
         except OSError:
             log.exception('unlinking %s failed', self.socket_path)
@@ -215,7 +218,7 @@ class RpcServer:
         """Answer one line; False closes the connection."""
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             if not conn.authenticated:
                 return False  # e.g. an HTTP request line aimed at the TCP port
             conn.send(error_response(None, RpcError.of(PARSE_ERROR, 'parse_error',

@@ -84,6 +84,9 @@ def reading(database=db):
         yield
 
 
+_writers = {}  # greenlet -> depth of writing() blocks it is inside
+
+
 @contextlib.contextmanager
 def writing(database=db):
     """One write transaction under the cooperative write lock.
@@ -91,8 +94,20 @@ def writing(database=db):
     Nothing inside the block may touch a socket: read, commit, release, then send. The lock
     is re-entrant, so a nested `writing()` in the same greenlet becomes a savepoint.
     """
-    with write_lock, reading(database), database.atomic('IMMEDIATE'):
-        yield
+    current = gevent.getcurrent()
+    with write_lock:
+        _writers[current] = _writers.get(current, 0) + 1
+        try:
+            with reading(database), database.atomic('IMMEDIATE'):
+                yield
+        finally:
+            _writers[current] -= 1
+            if not _writers[current]:
+                del _writers[current]
+
+
+class BatchAborted(StorageError):
+    """SQLite rolled the whole group transaction back (disk full, I/O error)."""
 
 
 _STOP = object()
@@ -116,7 +131,10 @@ class GroupWriter:
 
     def write(self, fn, *args, **kwargs):
         current = gevent.getcurrent()
-        if self._greenlet is None or current is self._greenlet or self._stopped.is_set():
+        # Inline: before the writer runs, after it stopped, from the writer itself, or from a
+        # greenlet already inside writing() (queuing would wait on the lock it holds).
+        if (self._greenlet is None or current is self._greenlet or self._stopped.is_set()
+                or current in _writers):
             with writing(self.database):
                 return fn(*args, **kwargs)
         result = gevent.event.AsyncResult()
@@ -143,7 +161,7 @@ class GroupWriter:
         finally:
             self._stopped.set()
             self._greenlet = None
-            self._fail_queued()
+            self._run_queued()
 
     def _commit(self, batch):
         try:
@@ -159,11 +177,16 @@ class GroupWriter:
         outcomes = []
         try:
             with writing(self.database):
+                connection = self.database.connection()
                 for fn, args, kwargs, _result in batch:
                     try:
                         with self.database.atomic():  # a savepoint: a failure stays its own
                             outcomes.append((True, fn(*args, **kwargs)))
                     except Exception as exc:
+                        if not connection.in_transaction:
+                            # Disk full or an I/O error rolled back the whole transaction:
+                            # the writes before this one are gone too.
+                            raise BatchAborted('write transaction rolled back: %s' % exc)
                         outcomes.append((False, exc))
         except Exception as exc:
             for _fn, _args, _kwargs, result in batch:
@@ -175,11 +198,18 @@ class GroupWriter:
             else:
                 result.set_exception(value)
 
-    def _fail_queued(self):
+    def _run_queued(self):
+        """After the loop ends, run what is still queued directly, each in its own transaction."""
         while not self._queue.empty():
             job = self._queue.get_nowait()
-            if job is not _STOP:
-                job[3].set_exception(RuntimeError('database writer stopped'))
+            if job is _STOP:
+                continue
+            fn, args, kwargs, result = job
+            try:
+                with writing(self.database):
+                    result.set(fn(*args, **kwargs))
+            except Exception as exc:
+                result.set_exception(exc)
 
     def stop(self, timeout=10):
         """Finish the writes already queued, then stop the loop."""

@@ -45,6 +45,17 @@ class SingletonTest(MeshdTestCase):
         self.assertEqual(daemon.stop(), 0)
         self.assertFalse(os.path.exists(os.path.join(daemon_dir, 'meshd.pid')))
 
+    def test_a_start_that_cannot_bind_leaves_the_live_socket_alone(self):
+        """A second daemon that failed to bind unlinked the first daemon's socket on its way
+        out, leaving the first alive but unreachable."""
+        first = self.start_daemon()
+        os.unlink(os.path.join(self.home, 'daemon', 'meshd.pid'))  # the lock file is gone
+        second = self.start_daemon(wait=False)
+        self.assertEqual(second.wait_exit(), 1)
+        self.assertIn('ipc listen failed', second.stderr())
+        self.assertTrue(os.path.exists(first.socket))
+        self.assertTrue(first.call('daemon.health')['ok'])
+
     def test_sigterm_exits_zero_after_daemon_shutdown_and_removes_socket(self):
         daemon = self.start_daemon()
         self.assertEqual(daemon.stop(signal.SIGTERM), 0)

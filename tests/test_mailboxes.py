@@ -126,6 +126,14 @@ class InboxTest(MailboxTestCase):
 
 class OutboxTest(MailboxTestCase):
 
+    def test_send_refuses_a_ttl_too_large_to_store(self):
+        """A ttl of 10**12 s was queued, answered internal, and broke outbox.list."""
+        with self.daemon.client() as client:
+            answer = client.request('send', {'to': '*', 'message': 'x', 'mesh': 'alpha',
+                                             'ttl': 10 ** 12})
+        self.assertEqual(answer['error']['data']['code'], 'invalid_params')
+        self.assertEqual(self.daemon.call('outbox.list')['items'], [])
+
     def test_list_shows_rows_newest_first_with_expiry_and_filters_by_status(self):
         first, _ = self.add_outbox('pending', now_ms() - 1000)
         second, _ = self.add_outbox('dead')

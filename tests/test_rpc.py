@@ -174,6 +174,13 @@ class FramingTest(RpcTestCase):
         result = self.assertResult(self.call_on(conn, 2, 'daemon.health'), 2)
         self.assertTrue(result['ok'])
 
+    def test_absurdly_nested_json_is_a_parse_error(self):
+        """A line of 200 000 '[' raised RecursionError: no answer and a raw traceback."""
+        conn = self.connect()
+        conn.send(b'[' * 200000 + b'\n')
+        self.assertError(conn.read_json(), None, PARSE_ERROR, 'parse_error')
+        self.assertResult(self.call_on(conn, 2, 'daemon.version'), 2)
+
     def test_line_over_one_mib_answers_payload_too_large_and_closes(self):
         conn = self.connect()
         prefix = b'{"jsonrpc":"2.0","id":1,"method":"daemon.health","params":{"pad":"'

@@ -385,3 +385,58 @@ class PrunerTest(StorageTestCase):
         self.assertEqual((again.get('inbox'), again.get('outbox'), again.get('idempotency')),
                          (0, 0, 0))
         self.assertEqual(Event.select().count(), 0)
+
+
+class GroupWriterTest(StorageTestCase):
+
+    def start_writer(self):
+        writer = gevent.spawn(storage_db.writer.run)
+        self.addCleanup(lambda: (storage_db.writer.stop(5), writer.join(5)))
+        gevent.sleep(0)
+        return writer
+
+    def test_a_disk_full_rollback_fails_every_write_of_the_batch(self):
+        """With the disk full, SQLite rolled the whole group transaction back while the
+        writes before the failing one were still reported committed (a lost message)."""
+        database = self.open_migrated()
+        pages = database.execute_sql('PRAGMA page_count').fetchone()[0]
+        self.start_writer()
+
+        def small(tag):
+            return Event.create(epoch='e', kind=tag, ts='t', data='{}').seq
+
+        def big():
+            database.execute_sql('PRAGMA max_page_count = %d' % (pages + 3))
+            return Event.create(epoch='e', kind='big', ts='t', data='x' * 200000).seq
+        jobs = [gevent.spawn(storage_db.write, small, 'a'), gevent.spawn(storage_db.write, big),
+                gevent.spawn(storage_db.write, small, 'c')]
+        gevent.joinall(jobs, timeout=DEADLINE)
+        storage_db.write(lambda: database.execute_sql('PRAGMA max_page_count = 1073741823'))
+        with storage_db.reading():
+            committed = [event.kind for event in Event.select()]
+        for job in jobs:
+            if job.successful():
+                # A write reported committed must be in the database.
+                self.assertIn('a' if job is jobs[0] else 'c', committed)
+        self.assertNotIn('big', committed)
+        self.assertTrue(any(not job.successful() for job in jobs))
+
+    def test_writes_queued_when_the_writer_stops_still_run(self):
+        database = self.open_migrated()
+        self.start_writer()
+        storage_db.writer.stop(5)
+        seq = storage_db.write(lambda: Event.create(epoch='e', kind='late', ts='t', data='{}').seq)
+        self.assertTrue(seq)
+
+    def test_write_inside_writing_from_another_greenlet_runs_inline(self):
+        """write() inside writing() outside the writer greenlet waited on the lock it held."""
+        self.open_migrated()
+        self.start_writer()
+
+        def nested():
+            with storage_db.writing():
+                return storage_db.write(
+                    lambda: Event.create(epoch='e', kind='nested', ts='t', data='{}').seq)
+        job = gevent.spawn(nested)
+        job.join(timeout=DEADLINE)
+        self.assertTrue(job.successful())
