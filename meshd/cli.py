@@ -140,9 +140,11 @@ def _process_gone(pid):
           help='on a host fingerprint mismatch: refuse (default), warn or allow')
 @argh.arg('--durability', default=None, choices=config_mod.DURABILITIES,
           help='full (default) or normal: trade the last commits on power loss for speed')
+@argh.arg('--public-health', default=False, action='store_true',
+          help='answer daemon.health on TCP without auth (for a local health probe)')
 @argh.arg('--json', default=False, action='store_true', help='machine-readable output')
 def up(*, foreground=False, tcp=False, no_tcp=False, tcp_port=None, clone_policy=None,
-       durability=None, json=False):
+       durability=None, public_health=False, json=False):
     """Start the daemon (detached unless --foreground); returns once its socket answers."""
     if tcp and no_tcp:
         fail('--tcp and --no-tcp cannot be combined', 2)
@@ -151,7 +153,8 @@ def up(*, foreground=False, tcp=False, no_tcp=False, tcp_port=None, clone_policy
     try:
         options = config_mod.build_options(
             file_config, tcp='on' if tcp else ('off' if no_tcp else None), tcp_port=tcp_port,
-            clone_policy=clone_policy, durability=durability)
+            clone_policy=clone_policy, durability=durability,
+            public_health=True if public_health else None)
     except ConfigError as exc:
         fail(str(exc), 2)
     if foreground:
@@ -163,6 +166,8 @@ def up(*, foreground=False, tcp=False, no_tcp=False, tcp_port=None, clone_policy
         flags += ['--clone-policy', clone_policy]
     if durability:
         flags += ['--durability', durability]
+    if public_health:
+        flags += ['--public-health']
     _spawn_detached(paths, flags, json)
 
 

@@ -35,6 +35,12 @@ def _choice(choices):
     return convert
 
 
+def _flag(value):
+    if isinstance(value, bool):
+        return value
+    raise ValueError('expected true or false, not %r' % (value,))
+
+
 def _tcp_mode(value):
     if value in ('auto', 'on', 'off'):
         return value
@@ -47,6 +53,7 @@ DAEMON_OPTIONS = (
     ('tcp_port', DEFAULT_TCP_PORT, _port, 'loopback TCP port; 0 picks a free one'),
     ('clone_policy', 'refuse', _choice(CLONE_POLICIES), 'what a host fingerprint mismatch does'),
     ('durability', 'full', _choice(DURABILITIES), 'SQLite synchronous mode: full or normal'),
+    ('public_health', False, _flag, 'answer daemon.health on TCP before auth'),
 )
 
 

@@ -153,7 +153,8 @@ class Daemon:
         self.server = RpcServer(self.rpc_registry, self.paths.socket,
                                 tcp_port=self.options.tcp_port if tcp_on else None,
                                 tcp_token=token, session_resolver=self.registry.resolve,
-                                app=self)
+                                app=self, public_methods=('daemon.health',)
+                                if self.options.public_health else ())
         try:
             self.server.start()
         except OSError as exc:

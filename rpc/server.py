@@ -102,13 +102,15 @@ class RpcServer:
     """Serves a Registry on a Unix socket (mode 0600, same-uid peers) and optional TCP."""
 
     def __init__(self, registry, socket_path, tcp_port=None, tcp_token=None,
-                 session_resolver=None, app=None, max_clients=DEFAULT_MAX_CLIENTS):
+                 session_resolver=None, app=None, max_clients=DEFAULT_MAX_CLIENTS,
+                 public_methods=()):
         self.registry = registry
         self.socket_path = socket_path
         self.tcp_port = tcp_port
         self._tcp_token = tcp_token
         self.session_resolver = session_resolver
         self.app = app
+        self.public_methods = frozenset(public_methods)  # callable on TCP before `auth`
         self.stopping = gevent.event.Event()
         self._pool = gevent.pool.Pool(max_clients)
         self._streams = gevent.pool.Group()
@@ -239,6 +241,12 @@ class RpcServer:
         return conn.authenticated
 
     def _handle_unauthenticated(self, conn, message):
+        if isinstance(message, dict) and message.get('method') in self.public_methods:
+            # --public-health: answered before auth; the connection stays unauthenticated.
+            answer, _stream = self._call(conn, message)
+            if answer is not None:
+                conn.send(answer)
+            return True
         if not (isinstance(message, dict) and message.get('method') == 'auth'):
             request_id = message.get('id') if isinstance(message, dict) else None
             conn.send(error_response(request_id, RpcError.of(

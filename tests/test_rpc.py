@@ -530,6 +530,21 @@ class TcpTest(RpcTestCase):
         self.assertEqual(health['tcp'], self.address)
 
 
+class PublicHealthTest(RpcTestCase):
+
+    def test_public_health_answers_health_before_auth_and_nothing_else(self):
+        daemon = self.start_daemon(args=['--tcp', '--tcp-port', '0', '--public-health'])
+        address = daemon.call('daemon.health')['tcp']
+        conn = self.connect_tcp(address)
+        conn.send_json(request(1, 'daemon.health'))
+        self.assertTrue(self.assertResult(conn.read_json(), 1)['ok'])
+        conn.send_json(request(2, 'daemon.health'))  # still open, still unauthenticated
+        self.assertResult(conn.read_json(), 2)
+        conn.send_json(request(3, 'sessions.list'))
+        self.assertError(conn.read_json(), 3, AUTH_ERROR, 'auth_required')
+        self.assertEqual(conn.read_to_end(), b'')
+
+
 class PeerUidTest(RpcTestCase):
 
     def test_unix_peer_of_another_uid_is_refused(self):
