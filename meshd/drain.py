@@ -159,6 +159,11 @@ class Drain:
 
     def _record(self, row, result):
         now = now_ms()
+        if result.get('error') == getattr(self._link_of(row), 'not_open_error', None):
+            # The link closed between this pass's planning and the send: nothing went out,
+            # so the row goes back as it was, with no attempt counted (spec/daemon.md §6).
+            self._finish(row.id, 'pending', attempts=row.attempts, next_attempt_at=now)
+            return
         if result.get('ok'):
             self._finish(row.id, 'done', delivered_at=now,
                          broker_message_id=result.get('message_id'), last_error=None)
@@ -172,6 +177,11 @@ class Drain:
             return
         retry_after = RATE_LIMIT_RETRY_MS if error.startswith('rate_limit') else 0
         self._retry(row.id, row.attempts + 1, row.expires_at, error, now, retry_after)
+
+    def _link_of(self, row):
+        if row.sender_session_pubkey:
+            return self.daemon.session_link_by_pubkey(row.sender_session_pubkey)
+        return self.daemon.links.get(row.mesh)
 
     def _frame_too_large(self, row):
         return len(row.ciphertext) + len(row.nonce) + 300 > FRAME_LIMIT
