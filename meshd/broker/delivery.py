@@ -104,7 +104,10 @@ class Delivery(object):
             store.MessageQueue.create(
                 id=row_id, mesh_id=entry.mesh_id, sender_member_id=entry.member_id,
                 sender_session_pubkey=entry.session_pubkey, target_spec=target, priority=priority,
-                nonce=nonce, ciphertext=ciphertext, created_at=now, delivered_at=None,
+                nonce=nonce, ciphertext=ciphertext, created_at=now,
+                # A multicast is pushed live, never drained: stored delivered so that no
+                # concurrent drain claims it and sends a second copy (review finding).
+                delivered_at=now if is_multicast else None,
                 expires_at=now + datetime.timedelta(seconds=self.dm_ttl),
                 client_message_id=cmid, request_fingerprint=fingerprint)
         entry.send(protocol.ack(msg_id, row_id, queued=True))
@@ -184,10 +187,6 @@ class Delivery(object):
                 continue
             if not entry.send(frame):
                 self.on_dead(entry)
-        with store.writing():
-            (store.MessageQueue.update(delivered_at=protocol.utcnow())
-             .where(store.MessageQueue.id == row_id)
-             .execute())
 
     # ------------------------------------------------------------------ drains
 

@@ -680,6 +680,13 @@ class BrokerServer(object):
                 self._go_offline(entry, ws)
             else:
                 ws.ping()
+        # A socket that never says hello holds a connection slot: past the pong timeout
+        # without a hello it is terminated like a silent peer (review finding).
+        bound = {entry.ws for entry in self.registry.all()}
+        for ws in list(self.sockets):
+            if ws not in bound and now - ws.last_pong_at > limit:
+                log.info('socket without hello for %.0fs: terminating', now - ws.last_pong_at)
+                ws.terminate()
 
     def _sweep_step(self):
         now = protocol.utcnow()
