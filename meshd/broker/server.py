@@ -592,8 +592,13 @@ class BrokerServer(object):
             return      # a newer socket took over, or the entry was removed already
         entry.detach()
         entry.offline_since = protocol.utcnow()
-        if entry.role == ROLE_MEMBER:
-            self._save_peer_state(entry)
+        try:
+            if entry.role == ROLE_MEMBER:
+                self._save_peer_state(entry)
+        except Exception:
+            # A failed save must not skip the release and the grace window: the presence
+            # would stay listed for good (review finding).
+            log.exception('saving peer state of %s failed', entry.presence_id)
         self.delivery.release(entry)
         self._start_grace(entry)
         log.info('presence %s offline (grace %ss)', entry.presence_id, self.t['broker_grace'])
@@ -618,9 +623,11 @@ class BrokerServer(object):
                 or not self.registry.contains(entry)):
             return
         entry.evicting = True
+        # Remove before any database call: a query yields (PostgreSQL), and a reattach in
+        # that gap would bind a socket to an entry about to be evicted (review finding).
+        self.registry.remove(entry)
+        entry.grace_timer = None
         with store.connection():
-            self.registry.remove(entry)
-            entry.grace_timer = None
             self._mark_disconnected(entry)
             log.info('presence %s evicted after grace', entry.presence_id)
             self._broadcast_event(entry, 'peer_left', {'name': entry.display_name,
