@@ -8,24 +8,24 @@ whole hub until `busy_timeout` expires (STYLE.md fact 1). Connections are per gr
 come from a pool, because a handler greenlet that opened its own connection for every call
 spent more time in connect and pragmas than in its query.
 
-`GroupWriter` is the one writer greenlet of DESIGN.md 19: writes submitted while a commit
-is running are committed together in the next transaction, each in its own savepoint, so
-that one fsync serves many of them under `synchronous=FULL`.
+`writer` is the one writer greenlet of DESIGN.md 19 (storage/group_commit.py): writes
+submitted while a commit is running are committed together in the next transaction, each in
+its own savepoint, so that one fsync serves many of them under `synchronous=FULL`.
 """
 import contextlib
 import os
 
 import gevent
-import gevent.event
 import gevent.lock
-import gevent.queue
 from playhouse.pool import PooledSqliteDatabase
+
+from storage import group_commit
 
 DURABILITY_SYNCHRONOUS = {'full': 'full', 'normal': 'normal'}
 BUSY_TIMEOUT_MS = 5000
 
 MAX_CONNECTIONS = 64
-MAX_BATCH = 128
+MMAP_BYTES = 256 * 1024 * 1024
 
 db = PooledSqliteDatabase(None)
 write_lock = gevent.lock.RLock()
@@ -54,6 +54,9 @@ def pragmas(durability='full'):
         'synchronous': DURABILITY_SYNCHRONOUS[durability],
         'foreign_keys': 1,
         'busy_timeout': BUSY_TIMEOUT_MS,
+        # Pages are read through a shared mapping, not a pread() each: every pooled
+        # connection rereads the pages another connection changed.
+        'mmap_size': MMAP_BYTES,
     }
 
 
@@ -106,119 +109,11 @@ def writing(database=db):
                 del _writers[current]
 
 
-class BatchAborted(StorageError):
-    """SQLite rolled the whole group transaction back (disk full, I/O error)."""
+BatchAborted = group_commit.BatchAborted
 
 
-_STOP = object()
-
-
-class GroupWriter:
-    """One greenlet that runs submitted writes, committing those queued together at once.
-
-    `write(fn, *args)` runs `fn` inside a transaction and returns its result once the
-    transaction has committed (or raises what `fn` raised; a failed `fn` is rolled back to
-    its savepoint without touching the others). Nested calls from inside a write run
-    inline. Before `run()` starts and after `stop()`, writes run directly under `writing()`.
-    """
-
-    def __init__(self, database=db, max_batch=MAX_BATCH):
-        self.database = database
-        self.max_batch = max_batch
-        self._queue = gevent.queue.Queue()
-        self._greenlet = None
-        self._stopped = gevent.event.Event()
-
-    def write(self, fn, *args, **kwargs):
-        current = gevent.getcurrent()
-        # Inline: before the writer runs, after it stopped, from the writer itself, or from a
-        # greenlet already inside writing() (queuing would wait on the lock it holds).
-        if (self._greenlet is None or current is self._greenlet or self._stopped.is_set()
-                or current in _writers):
-            with writing(self.database):
-                return fn(*args, **kwargs)
-        result = gevent.event.AsyncResult()
-        self._queue.put((fn, args, kwargs, result))
-        return result.get()
-
-    def run(self):
-        """The writer loop; returns after `stop()` once the queue is empty."""
-        self._greenlet = gevent.getcurrent()
-        self._stopped.clear()
-        try:
-            while True:
-                job = self._queue.get()
-                if job is _STOP:
-                    return
-                batch = [job]
-                while len(batch) < self.max_batch and not self._queue.empty():
-                    following = self._queue.get_nowait()
-                    if following is _STOP:
-                        self._queue.put(_STOP)
-                        break
-                    batch.append(following)
-                self._commit(batch)
-        finally:
-            self._stopped.set()
-            self._greenlet = None
-            self._run_queued()
-
-    def _commit(self, batch):
-        try:
-            self._commit_batch(batch)
-        except BaseException:
-            # Killed mid-batch (shutdown): nobody may wait forever on a result.
-            for _fn, _args, _kwargs, result in batch:
-                if not result.ready():
-                    result.set_exception(RuntimeError('database writer stopped'))
-            raise
-
-    def _commit_batch(self, batch):
-        outcomes = []
-        try:
-            with writing(self.database):
-                connection = self.database.connection()
-                for fn, args, kwargs, _result in batch:
-                    try:
-                        with self.database.atomic():  # a savepoint: a failure stays its own
-                            outcomes.append((True, fn(*args, **kwargs)))
-                    except Exception as exc:
-                        if not connection.in_transaction:
-                            # Disk full or an I/O error rolled back the whole transaction:
-                            # the writes before this one are gone too.
-                            raise BatchAborted('write transaction rolled back: %s' % exc)
-                        outcomes.append((False, exc))
-        except Exception as exc:
-            for _fn, _args, _kwargs, result in batch:
-                result.set_exception(exc)
-            return
-        for (ok, value), (_fn, _args, _kwargs, result) in zip(outcomes, batch):
-            if ok:
-                result.set(value)
-            else:
-                result.set_exception(value)
-
-    def _run_queued(self):
-        """After the loop ends, run what is still queued directly, each in its own transaction."""
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if job is _STOP:
-                continue
-            fn, args, kwargs, result = job
-            try:
-                with writing(self.database):
-                    result.set(fn(*args, **kwargs))
-            except Exception as exc:
-                result.set_exception(exc)
-
-    def stop(self, timeout=10):
-        """Finish the writes already queued, then stop the loop."""
-        if self._greenlet is not None:
-            self._queue.put(_STOP)
-            self._stopped.wait(timeout)
-
-
-writer = GroupWriter()
+# The daemon's one writer greenlet (DESIGN.md 19), started by the daemon's supervisor.
+writer = group_commit.GroupWriter(db, writing, lambda: gevent.getcurrent() in _writers)
 
 
 def write(fn, *args, **kwargs):
