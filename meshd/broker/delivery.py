@@ -7,9 +7,13 @@ presence goes offline or is removed and re-drains the recipient's live connectio
 (§7.10). Multicast is pushed live to each recipient and marked delivered after the loop (§7.4).
 No socket is written inside a transaction.
 """
+import collections
 import datetime
 import logging
 import re
+
+import gevent
+import gevent.pool
 
 from meshd.broker import protocol, store
 from meshd.broker.presence import group_targets
@@ -36,8 +40,8 @@ def grant_allows(grants, sender_member_pubkey, sender_session_pubkey, capability
 
 def _member_grants(member_id, cache):
     if member_id not in cache:
-        member = store.Member.get_or_none(store.Member.id == member_id)
-        cache[member_id] = store.loads(member.peer_grants, {}) if member is not None else {}
+        row = store.execute('SELECT peer_grants FROM member WHERE id = ?', (member_id,)).fetchone()
+        cache[member_id] = store.loads(row[0], {}) if row is not None else {}
     return cache[member_id]
 
 
@@ -52,6 +56,7 @@ class Delivery(object):
         self.lease = lease
         self.hook_fresh = hook_fresh
         self.on_dead = on_dead
+        self.workers = gevent.pool.Group()
 
     # ------------------------------------------------------------------ send
 
@@ -65,8 +70,12 @@ class Delivery(object):
                               % (length, self.max_message_bytes),
                               req_id=req_id if isinstance(req_id, str) else None)
 
-    def handle_send(self, entry, frame):
-        """Run `send` steps 1–6 for a frame from `entry` and write the ack (then fan out)."""
+    def handle_send(self, entry, frame, acks):
+        """Run `send` steps 1–6 for a frame from `entry`; the ack and fan-out follow the commit.
+
+        `acks` is the connection's AckPipeline: the row is queued to the group writer and
+        this returns at once, so the next frame is read while the row is being committed.
+        """
         msg_id = frame.get('id') if isinstance(frame.get('id'), str) else ''
 
         def refuse(err):
@@ -99,33 +108,49 @@ class Delivery(object):
             candidates, err = self._preflight(entry, target)
             if err:
                 return refuse(err)
-        row_id = protocol.new_id()
-        with store.writing():
-            store.MessageQueue.create(
-                id=row_id, mesh_id=entry.mesh_id, sender_member_id=entry.member_id,
-                sender_session_pubkey=entry.session_pubkey, target_spec=target, priority=priority,
-                nonce=nonce, ciphertext=ciphertext, created_at=now,
-                # A multicast is pushed live, never drained: stored delivered so that no
-                # concurrent drain claims it and sends a second copy (review finding).
-                delivered_at=now if is_multicast else None,
-                expires_at=now + datetime.timedelta(seconds=self.dm_ttl),
-                client_message_id=cmid, request_fingerprint=fingerprint)
-        entry.send(protocol.ack(msg_id, row_id, queued=True))
-        if is_multicast:
-            self._fan_out_multicast(entry, row_id, target, priority, nonce, ciphertext, now)
-        else:
-            self._fan_out_dm(entry, target, candidates)
+        row = dict(
+            id=protocol.new_id(), mesh_id=entry.mesh_id, sender_member_id=entry.member_id,
+            sender_session_pubkey=entry.session_pubkey, target_spec=target, priority=priority,
+            nonce=nonce, ciphertext=ciphertext, created_at=now,
+            # A multicast is pushed live, never drained: stored delivered so that no
+            # concurrent drain claims it and sends a second copy (review finding).
+            delivered_at=now if is_multicast else None,
+            expires_at=now + datetime.timedelta(seconds=self.dm_ttl),
+            client_message_id=cmid, request_fingerprint=fingerprint)
+
+        def fan_out(stored):
+            row_id, created = stored
+            if not created:
+                return      # an earlier copy of this send was stored (and fanned out) first
+            if is_multicast:
+                self._fan_out_multicast(entry, row_id, target, priority, nonce, ciphertext, now)
+            else:
+                self._fan_out_dm(entry, target, candidates)
+        acks.add(msg_id, store.writer.write_async(self._store_send, entry, row), fan_out)
+
+    def _store_send(self, entry, row):
+        """In the writer: the id of an earlier row for the same send, else insert `row`."""
+        if row['client_message_id'] is not None:
+            existing = self._find_duplicate(entry, row['client_message_id'],
+                                            row['request_fingerprint'], row['created_at'])
+            if existing is not None:
+                return existing, False
+        store.execute('INSERT INTO message_queue (%s) VALUES (%s)'
+                      % (', '.join(row), ', '.join('?' * len(row))), list(row.values()))
+        return row['id'], True
 
     def _find_duplicate(self, entry, cmid, fingerprint, now):
-        MQ = store.MessageQueue
-        fp_clause = MQ.request_fingerprint.is_null() if fingerprint is None else (
-            MQ.request_fingerprint == fingerprint)
-        row = (MQ.select(MQ.id)
-               .where((MQ.mesh_id == entry.mesh_id) & (MQ.sender_member_id == entry.member_id)
-                      & (MQ.client_message_id == cmid) & fp_clause & (MQ.expires_at > now))
-               .order_by(MQ.created_at, MQ.id)
-               .first())
-        return row.id if row is not None else None
+        params = [entry.mesh_id, entry.member_id, cmid, now]
+        if fingerprint is None:
+            same_body = 'request_fingerprint IS NULL'
+        else:
+            same_body = 'request_fingerprint = ?'
+            params.append(fingerprint)
+        row = store.execute(
+            'SELECT id FROM message_queue WHERE mesh_id = ? AND sender_member_id = ? '
+            'AND client_message_id = ? AND expires_at > ? AND %s '
+            'ORDER BY created_at, id LIMIT 1' % same_body, params).fetchone()
+        return row[0] if row is not None else None
 
     def _preflight(self, entry, target):
         """Step 3 with store-and-forward (§4.1, §7.9); return (candidate member ids, error)."""
@@ -166,12 +191,33 @@ class Delivery(object):
     # ------------------------------------------------------------------ fan-out
 
     def _fan_out_dm(self, sender, target, member_ids):
-        exclude = sender.session_pubkey
         for entry in self.registry.live(sender.mesh_id):
             if entry is sender:
                 continue
             if target in entry.keys() or entry.member_id in member_ids:
-                self.drain(entry, exclude_broadcast_from=exclude)
+                self.request_drain(entry)
+
+    def request_drain(self, entry):
+        """Drain `entry` soon. Requests made while its drain runs fold into one more pass, so
+        a burst of sends to one recipient costs a claim per batch, not a claim per send."""
+        entry.drain_requested = True
+        if entry.drainer is None or entry.drainer.dead:
+            entry.drainer = self.spawn_worker(self._drain_requested, entry)
+
+    def spawn_worker(self, fn, *args):
+        """Start an ack or drain greenlet; stop() waits for them before the writer stops."""
+        greenlet = self.workers.spawn(fn, *args)
+        greenlet.link_exception(_log_crash)
+        return greenlet
+
+    def _drain_requested(self, entry):
+        # Checked again after the connection is returned: returning it can yield (PostgreSQL),
+        # and a request made meanwhile saw this greenlet alive and spawned none.
+        while entry.drain_requested:
+            with store.connection():
+                while entry.drain_requested:
+                    entry.drain_requested = False
+                    self.drain(entry)
 
     def _fan_out_multicast(self, sender, row_id, target, priority, nonce, ciphertext, now):
         frame = protocol.multicast_push(row_id, sender.mesh_id, _SenderView(sender), priority,
@@ -237,19 +283,22 @@ class Delivery(object):
                  & MQ.priority.in_(list(self._allowed_priorities(entry, now))))
         if exclude_broadcast_from:
             where &= ~((MQ.target_spec == '*') & (MQ.sender_session_pubkey == exclude_broadcast_from))
-        with store.writing():
-            ids = [r.id for r in MQ.select(MQ.id).where(where)
-                   .order_by(MQ.created_at, MQ.id).limit(CLAIM_BATCH)]
-            if not ids:
-                return []
-            (MQ.update(claimed_at=now, claim_id=entry.presence_id,
-                       claim_expires_at=now + datetime.timedelta(seconds=self.lease))
-             .where(MQ.id.in_(ids) & MQ.delivered_at.is_null()
-                    & (MQ.claim_id.is_null() | (MQ.claim_expires_at < now)))
-             .execute())
-            return list(MQ.select()
-                        .where(MQ.id.in_(ids) & (MQ.claim_id == entry.presence_id))
-                        .order_by(MQ.created_at, MQ.id))
+        return store.writer.write(self._claim_rows, where, entry.presence_id, now)
+
+    def _claim_rows(self, where, presence_id, now):
+        MQ = store.MessageQueue
+        ids = [r.id for r in MQ.select(MQ.id).where(where)
+               .order_by(MQ.created_at, MQ.id).limit(CLAIM_BATCH)]
+        if not ids:
+            return []
+        (MQ.update(claimed_at=now, claim_id=presence_id,
+                   claim_expires_at=now + datetime.timedelta(seconds=self.lease))
+         .where(MQ.id.in_(ids) & MQ.delivered_at.is_null()
+                & (MQ.claim_id.is_null() | (MQ.claim_expires_at < now)))
+         .execute())
+        return list(MQ.select()
+                    .where(MQ.id.in_(ids) & (MQ.claim_id == presence_id))
+                    .order_by(MQ.created_at, MQ.id))
 
     def _sender_pubkey(self, row, cache):
         if row.sender_session_pubkey:
@@ -268,20 +317,22 @@ class Delivery(object):
         bmid = bmid if isinstance(bmid, str) and bmid else None
         if cmid is None and bmid is None:
             return
-        MQ = store.MessageQueue
-        match = None
+        matches, params = [], [protocol.utcnow(), entry.mesh_id]
         if bmid is not None:
-            match = MQ.id == bmid
+            matches.append('id = ?')
+            params.append(bmid)
         if cmid is not None:
-            by_cmid = MQ.client_message_id == cmid
-            match = by_cmid if match is None else (match | by_cmid)
-        own = MQ.target_spec.in_(sorted(entry.keys() | {'*'}))
-        own = own | MQ.target_spec.startswith('@') | MQ.target_spec.startswith('#')
-        with store.writing():
-            (MQ.update(delivered_at=protocol.utcnow(), claimed_at=None, claim_id=None,
-                       claim_expires_at=None)
-             .where((MQ.mesh_id == entry.mesh_id) & MQ.delivered_at.is_null() & match & own)
-             .execute())
+            matches.append('client_message_id = ?')
+            params.append(cmid)
+        own = sorted(entry.keys() | {'*'})
+        params.extend(own)
+        sql = ('UPDATE message_queue SET delivered_at = ?, claimed_at = NULL, claim_id = NULL, '
+               'claim_expires_at = NULL WHERE mesh_id = ? AND delivered_at IS NULL AND (%s) '
+               "AND (target_spec IN (%s) OR target_spec LIKE '@%%' OR target_spec LIKE '#%%')"
+               % (' OR '.join(matches), ', '.join('?' * len(own))))
+        # Nobody waits for this commit: the ack has no reply, and a lost one only means the
+        # row is pushed again after its lease (the client deduplicates).
+        store.writer.submit(store.execute, sql, params)
 
     def _release_rows(self, ids, presence_id):
         MQ = store.MessageQueue
@@ -333,6 +384,56 @@ class Delivery(object):
             P = store.Presence
             P.delete().where(P.disconnected_at.is_null(False) & (P.disconnected_at < cutoff)).execute()
         return expired, delivered
+
+
+class AckPipeline(object):
+    """Answers the sends of one connection in arrival order, each once its row committed.
+
+    The connection's reading greenlet queues each accepted send here and reads on, so the
+    sends a daemon keeps in flight are committed together by the group writer instead of
+    one commit (and one fsync) each. A greenlet of the pipeline waits for each commit in
+    turn, writes the ack on the socket the send came in on, then runs the send's fan-out.
+    """
+
+    def __init__(self, ws, spawn):
+        self.ws = ws
+        self.spawn = spawn
+        self._pending = collections.deque()
+        self._greenlet = None
+
+    def add(self, msg_id, committed, then):
+        """Queue the ack of send `msg_id`; `then(value)` runs after the ack is written."""
+        self._pending.append((msg_id, committed, then))
+        if self._greenlet is None or self._greenlet.dead:
+            self._greenlet = self.spawn(self._run)
+
+    def _run(self):
+        # The outer check runs after the connection is returned, which can yield (PostgreSQL):
+        # a send queued meanwhile saw this greenlet alive and spawned none.
+        while self._pending:
+            with store.connection():
+                self._answer_pending()
+
+    def _answer_pending(self):
+        while self._pending:
+            msg_id, committed, then = self._pending.popleft()
+            try:
+                stored = committed.get()
+            except Exception:
+                log.exception('storing send %s failed', msg_id)
+                self.ws.send_json(protocol.ack(msg_id, err=protocol.ERR_INTERNAL))
+                continue
+            # A closed socket only loses the ack: the row is stored, the sender retries
+            # with the same client_message_id and gets this row's id back.
+            self.ws.send_json(protocol.ack(msg_id, stored[0], queued=True))
+            try:
+                then(stored)
+            except Exception:
+                log.exception('fan-out of %s failed', stored[0])
+
+
+def _log_crash(greenlet):
+    log.error('broker greenlet %s crashed', greenlet, exc_info=greenlet.exc_info)
 
 
 class _SenderView(object):

@@ -74,6 +74,8 @@ class Entry(object):
         self.grace_token = None
         self.evicting = False
         self.ready = False
+        self.drain_requested = False    # see Delivery.request_drain
+        self.drainer = None
 
     @property
     def pubkey(self):

@@ -8,6 +8,7 @@ greenlets of the same Group. Built in __init__, started by start(), stopped by s
 the signal handlers (SIGTERM/SIGINT close every socket with 1001 `shutting down`).
 """
 import datetime
+import functools
 import logging
 import re
 import signal
@@ -92,9 +93,10 @@ def parse_listen(value):
 class _Conn(object):
     """One WebSocket connection and the entry its hello bound (None before a successful hello)."""
 
-    def __init__(self, ws):
+    def __init__(self, ws, spawn):
         self.ws = ws
         self.entry = None
+        self.acks = delivery_mod.AckPipeline(ws, spawn)
 
 
 class BrokerServer(object):
@@ -131,12 +133,13 @@ class BrokerServer(object):
         self.clock_ms = protocol.now_ms
         self._stop = gevent.event.Event()
         self._server = None
+        self._writer = None
         self._started_at = None
         self._signals = []
         self._stopped = False
         self._instance_lock = None
         self._verbs = {
-            'send': self._verb_send, 'client_ack': self.delivery.client_ack,
+            'client_ack': self.delivery.client_ack,
             'list_peers': self._verb_list_peers, 'set_status': self._verb_set_status,
             'set_summary': self._verb_set_summary, 'set_visible': self._verb_set_visible,
             'set_profile': self._verb_set_profile, 'set_stats': self._verb_set_stats,
@@ -195,6 +198,9 @@ class BrokerServer(object):
         self._server.pre_start_hook = lambda handler: handler.environ.get('PATH_INFO') != WS_PATH
         self._server.start()
         self._started_at = time.monotonic()
+        self._writer = gevent.spawn(self._run_writer)
+        self._writer.name = 'writer'
+        self._writer.link_exception(self._on_greenlet_crash)
         self._loop('keepalive', self._keepalive_step, 'broker_ping')
         self._loop('sweeper', self._sweep_step, 'broker_sweep')
         self._loop('ttl-sweep', self._ttl_step, 'broker_ttl_sweep')
@@ -253,6 +259,16 @@ class BrokerServer(object):
         except Exception:
             log.exception('stopping the loops failed')
         try:
+            self.delivery.workers.join(timeout=STOP_TIMEOUT)
+            self.delivery.workers.kill(timeout=STOP_TIMEOUT)
+        except Exception:
+            log.exception('stopping the ack and drain greenlets failed')
+        if self._writer is not None:
+            # After the handlers and loops: what they queued is committed before the store closes.
+            store.writer.stop(STOP_TIMEOUT)
+            self._writer.join(STOP_TIMEOUT)
+            self._writer = None
+        try:
             with store.connection():
                 with store.writing():
                     (store.Presence.update(disconnected_at=protocol.utcnow())
@@ -276,6 +292,12 @@ class BrokerServer(object):
              .where(store.Presence.disconnected_at.is_null()).execute())
             (store.MessageQueue.update(claimed_at=None, claim_id=None, claim_expires_at=None)
              .where(store.MessageQueue.claim_id.is_null(False)).execute())
+
+    @staticmethod
+    def _run_writer():
+        # A writer that crashed or stopped leaves writes running inline: nothing is lost.
+        with store.connection():
+            store.writer.run()
 
     def spawn(self, name, fn, *args):
         """Start a supervised greenlet in the broker's Group (crashes are logged)."""
@@ -319,7 +341,7 @@ class BrokerServer(object):
     def _serve(self, ws):
         ws.max_frame_bytes = self.max_frame_bytes
         ws.write_timeout = self.t['broker_write_timeout']
-        conn = _Conn(ws)
+        conn = _Conn(ws, self.delivery.spawn_worker)
         self.sockets.add(ws)
         try:
             if self._stopped:
@@ -371,7 +393,11 @@ class BrokerServer(object):
             else:
                 ws.send_json(protocol.error('no_hello', 'must send hello first'))
             return
-        handler = self._verbs.get(kind) if isinstance(kind, str) else None
+        if kind == 'send':
+            # Answered through the connection's ack pipeline once the row is committed.
+            handler = functools.partial(self.delivery.handle_send, acks=conn.acks)
+        else:
+            handler = self._verbs.get(kind) if isinstance(kind, str) else None
         if handler is None:
             return      # unknown types are ignored silently (never unknown_message_type)
         req_id = frame.get('_reqId') if isinstance(frame.get('_reqId'), str) else None
@@ -735,9 +761,6 @@ class BrokerServer(object):
             log.info('ttl sweep: %d expired, %d delivered rows pruned', expired, delivered)
 
     # ------------------------------------------------------------------ verbs
-
-    def _verb_send(self, entry, frame):
-        self.delivery.handle_send(entry, frame)
 
     @staticmethod
     def _req(frame):
