@@ -58,11 +58,14 @@ class Drain:
 
     def step(self, now=None):
         now = now_ms() if now is None else now
-        if now - self._expired_at >= self.daemon.timings['drain_expire_interval'] * 1000:
+        housekeeping = now - self._expired_at >= self.daemon.timings['drain_expire_interval'] * 1000
+        if housekeeping:
             self._expired_at = now  # a pass per second is enough; it is a write transaction
             self._expire(now)
         with storage_db.reading():
-            rows = list(self._due(now))
+            rows = self._due(now)
+            if housekeeping:
+                rows.extend(self._unroutable(now))
         plan = [(row, action) for row, action in self._plan(rows)]
         if not plan:
             return
@@ -84,27 +87,39 @@ class Drain:
                             now)
 
     def _due(self, now):
-        """Pending rows whose time has come, leaving out links that cannot take a send."""
-        blocked_meshes, blocked_sessions = self._blocked_links()
+        """Each open link's due pending rows, oldest first, up to the link's free window.
+
+        One indexed read per link (outbox_link_queue, rowid order): a link that is closed,
+        full or backed up costs the others nothing, and no pass sorts the whole queue.
+        """
+        rows = []
+        for link in self._links():
+            room = self.window - link.in_flight
+            if not link.is_open or room <= 0:
+                continue
+            session = getattr(link, 'pubkey', None) if link.kind == 'session' else None
+            rows.extend(Outbox.raw(
+                'SELECT * FROM "outbox" INDEXED BY "outbox_link_queue" '
+                'WHERE "status" = \'pending\' AND "mesh" = ? AND "sender_session_pubkey" IS ? '
+                'AND "next_attempt_at" <= ? ORDER BY "outbox".rowid LIMIT ?',
+                link.mesh['slug'], session, now, room))
+        return rows
+
+    def _links(self):
+        return list(self.daemon.links.values()) + list(self.daemon.session_links.values())
+
+    def _unroutable(self, now):
+        """Due rows no link will ever read: their mesh was left or their session is gone."""
+        meshes = list(self.daemon.links)
+        sessions = [link.pubkey for link in self.daemon.session_links.values()]
         query = (Outbox.select()
-                 .where((Outbox.status == 'pending') & (Outbox.next_attempt_at <= now))
+                 .where((Outbox.status == 'pending') & (Outbox.next_attempt_at <= now)
+                        & (Outbox.mesh.not_in(meshes)
+                           | (Outbox.sender_session_pubkey.is_null(False)
+                              & Outbox.sender_session_pubkey.not_in(sessions))))
                  .order_by(Outbox.enqueued_at, Outbox.id)
                  .limit(BATCH))
-        if blocked_meshes:
-            query = query.where(~(Outbox.sender_session_pubkey.is_null()
-                                  & Outbox.mesh.in_(blocked_meshes)))
-        if blocked_sessions:
-            query = query.where(Outbox.sender_session_pubkey.is_null()
-                                | Outbox.sender_session_pubkey.not_in(blocked_sessions))
-        return query
-
-    def _blocked_links(self):
-        """Meshes and session pubkeys whose link exists but cannot take a send now."""
-        meshes = [slug for slug, link in self.daemon.links.items()
-                  if not link.is_open or link.in_flight >= self.window]
-        sessions = [link.pubkey for link in self.daemon.session_links.values()
-                    if not link.is_open or link.in_flight >= self.window]
-        return meshes, sessions
+        return list(query)
 
     def _plan(self, rows):
         """(row, (action, link)) for the rows this pass will claim, in acceptance order."""

@@ -63,7 +63,14 @@ def _create_initial(database):
         database.execute_sql(statement)
 
 
-MIGRATIONS = [(1, _create_initial)]
+def _add_link_queue_index(database):
+    # The drain reads each link's pending rows in acceptance order: with only
+    # (status, next_attempt_at) every pass sorted all pending rows of every link.
+    database.execute_sql('CREATE INDEX "outbox_link_queue" ON "outbox" '
+                         '("status", "mesh", "sender_session_pubkey")')
+
+
+MIGRATIONS = [(1, _create_initial), (2, _add_link_queue_index)]
 HEAD = MIGRATIONS[-1][0]
 
 

@@ -173,6 +173,9 @@ class Event(BaseModel):
 Outbox.add_index(Outbox.index(Outbox.status, Outbox.next_attempt_at, name='outbox_pending'))
 Outbox.add_index(Outbox.index(Outbox.status, Outbox.aborted_at, name='outbox_aborted',
                               where=SQL("status = 'aborted'")))
+# Migration 2: one link's pending rows in acceptance (rowid) order, read without a sort.
+Outbox.add_index(Outbox.index(Outbox.status, Outbox.mesh, Outbox.sender_session_pubkey,
+                              name='outbox_link_queue'))
 Inbox.add_index(Inbox.index(Inbox.received_at, name='inbox_received_at'))
 Inbox.add_index(Inbox.index(Inbox.topic, name='inbox_topic'))
 Inbox.add_index(Inbox.index(Inbox.sender_pubkey, name='inbox_sender'))
