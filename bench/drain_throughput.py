@@ -6,7 +6,8 @@ temporary directory, accepts N DMs on alice with pipelined `send` calls, and rep
   - delivery rate: from the first accept until bob's inbox holds all N rows,
 for `--durability full` (the default) and `normal`. claudemesh's one-row drain with 500 ms
 sleeps tops out near 72 messages/s on a 2-core machine; meshd keeps 16 sends in flight
-per link. Usage: python3 bench/drain_throughput.py [N]
+per link. Usage: python3 bench/drain_throughput.py [N [CLIENTS]]; CLIENTS connections
+(default 1) share the N `send` calls, each pipelining them.
 """
 from gevent import monkey; monkey.patch_all()  # noqa: E702
 
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import gevent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -53,7 +56,7 @@ def wait(predicate, timeout=120):
     raise RuntimeError('timed out')
 
 
-def run(count, durability):
+def run(count, durability, clients):
     base = tempfile.mkdtemp(prefix='meshd-bench-', dir='/tmp')
     port = free_port()
     url = 'ws://127.0.0.1:%d/ws' % port
@@ -80,18 +83,11 @@ def run(count, durability):
         for name in homes:
             wait(lambda: call(name, 'daemon.health')['brokers']['bench']['status'] == 'open')
         bob_key = json.load(open(os.path.join(homes['bob'], 'config.json')))['meshes'][0]['pubkey']
-        client = RpcClient(socket_path=sockets['alice'], timeout=60).connect()
         start = time.monotonic()
-        batch = 200
-        for first in range(0, count, batch):
-            lines = b''.join(encode(request(n, 'send', {'to': bob_key, 'message': 'm%06d' % n}))
-                             for n in range(first, min(count, first + batch)))
-            client.send_raw(lines)
-            for _ in range(first, min(count, first + batch)):
-                answer = client.read_message()
-                assert 'result' in answer, answer
+        senders = [gevent.spawn(_send_all, sockets['alice'], bob_key, range(n, count, clients))
+                   for n in range(clients)]
+        gevent.joinall(senders, raise_error=True)
         accepted = time.monotonic() - start
-        client.close()
         # Count rows in bob's database directly: polling inbox.list would load bob's daemon.
         wait(lambda: _count(homes['bob']) >= count, timeout=600)
         delivered = time.monotonic() - start
@@ -103,6 +99,23 @@ def run(count, durability):
         broker.send_signal(signal.SIGTERM)
         broker.wait()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _send_all(socket_path, bob_key, numbers):
+    """One client connection: pipelined `send` calls, 200 lines at a time."""
+    numbers = list(numbers)
+    client = RpcClient(socket_path=socket_path, timeout=60).connect()
+    try:
+        for first in range(0, len(numbers), 200):
+            chunk = numbers[first:first + 200]
+            client.send_raw(b''.join(
+                encode(request(n, 'send', {'to': bob_key, 'message': 'm%06d' % n}))
+                for n in chunk))
+            for _ in chunk:
+                answer = client.read_message()
+                assert 'result' in answer, answer
+    finally:
+        client.close()
 
 
 def _listening(port):
@@ -124,9 +137,11 @@ def _count(home):
 
 def main():
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    print('%d DMs, alice → bob through a local meshd broker' % count)
+    clients = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    print('%d DMs, alice → bob through a local meshd broker, %d client connection(s)'
+          % (count, clients))
     for durability in ('full', 'normal'):
-        accepted, delivered = run(count, durability)
+        accepted, delivered = run(count, durability, clients)
         print('durability=%-6s accept %7.0f msg/s   end-to-end %7.0f msg/s   (%.1f s)'
               % (durability, count / accepted, count / delivered, delivered))
 
