@@ -34,15 +34,23 @@ class EventBus:
         """Write the event row (inside the caller's transaction, if any); return the event."""
         ts = iso_now()
         mesh = data.get('mesh') if isinstance(data.get('mesh'), str) else None
-        with storage_db.writing():
-            row = Event.create(epoch=self.epoch, kind=kind, ts=ts, mesh=mesh,
-                               recipient_kind=data.get('recipient_kind'),
-                               recipient_pubkey=data.get('recipient_pubkey'),
-                               data=json.dumps(data, ensure_ascii=False))
-            self._inserts += 1
-            if self._inserts % TRIM_EVERY == 0:
-                self.trim(row.seq)
-        return {'seq': row.seq, 'epoch': self.epoch, 'kind': kind, 'ts': ts, 'data': data}
+        values = (self.epoch, kind, ts, mesh, data.get('recipient_kind'),
+                  data.get('recipient_pubkey'), json.dumps(data, ensure_ascii=False))
+        if storage_db.in_write():
+            seq = self._insert(values)  # the caller's transaction: no savepoint of its own
+        else:
+            with storage_db.writing():
+                seq = self._insert(values)
+        return {'seq': seq, 'epoch': self.epoch, 'kind': kind, 'ts': ts, 'data': data}
+
+    def _insert(self, values):
+        seq = storage_db.db.execute_sql(
+            'INSERT INTO "events" ("epoch", "kind", "ts", "mesh", "recipient_kind", '
+            '"recipient_pubkey", "data") VALUES (?, ?, ?, ?, ?, ?, ?)', values).lastrowid
+        self._inserts += 1
+        if self._inserts % TRIM_EVERY == 0:
+            self.trim(seq)
+        return seq
 
     def deliver(self, event):
         """Hand a committed event to every live subscriber."""

@@ -8,6 +8,7 @@ something a peer sent (verify_hex, open_dm) never let a malformed input escape a
 their documented result.
 """
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -167,14 +168,20 @@ def curve_public_hex(pub_hex):
     return bytes(_curve_public(pub_hex)).hex()
 
 
+@functools.lru_cache(maxsize=512)
+def _box(sec_hex, pub_hex):
+    # Two key conversions and an X25519 per message were most of a DM's crypto cost; the
+    # precomputed box of a (own key, peer key) pair is reused for the pair's next messages.
+    return nacl.public.Box(_curve_secret(sec_hex), _curve_public(pub_hex))
+
+
 def seal_dm(plaintext_bytes, recipient_pub_hex, sender_sec_hex, nonce=None):
     """Encrypt a DM with crypto_box; return (nonce b64, ciphertext b64) as in spec/wire.md §6.1.
 
     `nonce` (24 bytes) is for test vectors only; by default a random one is drawn.
     """
     nonce = nacl.utils.random(NONCE_BYTES) if nonce is None else bytes(nonce)
-    box = nacl.public.Box(_curve_secret(sender_sec_hex), _curve_public(recipient_pub_hex))
-    sealed = box.encrypt(bytes(plaintext_bytes), nonce)
+    sealed = _box(sender_sec_hex, recipient_pub_hex).encrypt(bytes(plaintext_bytes), nonce)
     return _b64(nonce), _b64(sealed.ciphertext)
 
 
@@ -185,8 +192,7 @@ def open_dm(nonce_b64, ciphertext_b64, sender_pub_hex, recipient_sec_hex):
         ciphertext = base64.b64decode(ciphertext_b64, validate=True)
         if len(nonce) != NONCE_BYTES:
             raise DecryptError('nonce must be 24 bytes')
-        box = nacl.public.Box(_curve_secret(recipient_sec_hex), _curve_public(sender_pub_hex))
-        return box.decrypt(ciphertext, nonce)
+        return _box(recipient_sec_hex, sender_pub_hex).decrypt(ciphertext, nonce)
     except DecryptError:
         raise
     except Exception as exc:  # any decode, key or MAC failure is one outcome for the caller

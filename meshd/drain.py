@@ -145,14 +145,11 @@ class Drain:
     @staticmethod
     def _claim_all(ids, now):
         """Claim the still-pending rows among `ids`; return the ids claimed."""
-        pending = {row.id for row in Outbox.select(Outbox.id)
-                   .where(Outbox.id.in_(ids) & (Outbox.status == 'pending'))}
-        if pending:
-            (Outbox.update(status='inflight', attempts=Outbox.attempts + 1,
-                           next_attempt_at=now + INFLIGHT_LEASE_MS)
-             .where(Outbox.id.in_(list(pending)) & (Outbox.status == 'pending'))
-             .execute())
-        return pending
+        cursor = storage_db.db.execute_sql(
+            'UPDATE "outbox" SET "status" = \'inflight\', "attempts" = "attempts" + 1, '
+            '"next_attempt_at" = ? WHERE "status" = \'pending\' AND "id" IN (%s) RETURNING "id"'
+            % ', '.join('?' * len(ids)), [now + INFLIGHT_LEASE_MS] + list(ids))
+        return {row[0] for row in cursor.fetchall()}
 
     def _dispatch(self, link, row):
         try:
@@ -211,9 +208,12 @@ class Drain:
 
     @staticmethod
     def _finish(row_id, status, **fields):
-        storage_db.write(lambda: (Outbox.update(status=status, **fields)
-                                  .where((Outbox.id == row_id) & (Outbox.status == 'inflight'))
-                                  .execute()))
+        """The outcome of an inflight row (hand-written SQL: one per message sent)."""
+        fields['status'] = status
+        storage_db.write(storage_db.db.execute_sql,
+                         'UPDATE "outbox" SET %s WHERE "id" = ? AND "status" = \'inflight\''
+                         % ', '.join('"%s" = ?' % name for name in fields),
+                         list(fields.values()) + [row_id])
 
     @staticmethod
     def _expire(now):

@@ -13,7 +13,7 @@ import logging
 import uuid
 
 from storage import db as storage_db
-from storage.models import Inbox, now_ms
+from storage.models import now_ms
 
 from meshd import crypto
 
@@ -50,10 +50,12 @@ def handle_push(daemon, link, frame, session_secret=None):
                recipient_pubkey=recipient_pubkey, recipient_kind=recipient_kind,
                decrypt_failed=1 if failed else 0)
     def store():
-        Inbox.insert(**row).on_conflict_ignore().execute()
-        stored = Inbox.get_or_none((Inbox.client_message_id == cmid)
-                                   & (Inbox.recipient_pubkey == recipient_pubkey))
-        if stored is not None and stored.id == row['id']:
+        # INSERT OR IGNORE on inbox_dedupe: one row changed is a new message, none a duplicate.
+        inserted = storage_db.db.execute_sql(
+            'INSERT OR IGNORE INTO "inbox" (%s) VALUES (%s)'
+            % (', '.join('"%s"' % name for name in row), ', '.join('?' * len(row))),
+            list(row.values())).rowcount
+        if inserted == 1:
             return daemon.bus.append('message', _event_data(row, frame))
         return None  # a duplicate: the row is already there
     event = storage_db.write(store)

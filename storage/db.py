@@ -109,11 +109,16 @@ def writing(database=db):
                 del _writers[current]
 
 
+def in_write():
+    """True inside a writing() block of this greenlet (its statements join that transaction)."""
+    return gevent.getcurrent() in _writers
+
+
 BatchAborted = group_commit.BatchAborted
 
 
 # The daemon's one writer greenlet (DESIGN.md 19), started by the daemon's supervisor.
-writer = group_commit.GroupWriter(db, writing, lambda: gevent.getcurrent() in _writers)
+writer = group_commit.GroupWriter(db, writing, in_write)
 
 
 def write(fn, *args, **kwargs):

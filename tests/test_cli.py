@@ -5,6 +5,7 @@ import secrets
 import uuid
 
 from meshd import __version__
+from storage import migrations
 from tests.base import MeshdTestCase, make_mesh, wait_for
 
 
@@ -25,7 +26,8 @@ class DetachedDaemonTest(MeshdTestCase):
         status = self.run_cli('daemon', 'status')
         self.assertEqual(status.returncode, 0)
         self.assertIn('daemon: running (pid %d)' % started['pid'], status.stdout)
-        self.assertIn('daemon %s (ipc v1, schema 1)' % __version__, status.stdout)
+        self.assertIn('daemon %s (ipc v1, schema %d)' % (__version__, migrations.HEAD),
+                      status.stdout)
         again = self.run_cli('daemon', 'up')
         self.assertEqual(again.returncode, 0)
         self.assertIn('already running', again.stdout)

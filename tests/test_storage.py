@@ -189,6 +189,20 @@ class MigrationTest(StorageTestCase):
         self.assertIn('outbox', schema_of(path))
 
 
+    def test_a_version_1_database_gains_the_link_queue_index_and_keeps_its_rows(self):
+        path = self.path()
+        database = self.open(path)
+        with storage_db.writing():
+            migrations.MIGRATIONS[0][1](database)
+            database.execute_sql('PRAGMA user_version = 1')
+        Outbox.insert(**outbox_row(id='kept')).execute()
+        self.assertNotIn('outbox_link_queue', schema_of(path)['outbox']['indexes'])
+        self.assertEqual(migrations.migrate(database, path), (1, migrations.HEAD))
+        self.assertEqual(schema_of(path)['outbox']['indexes']['outbox_link_queue']['columns'],
+                         ['status', 'mesh', 'sender_session_pubkey'])
+        self.assertEqual([row.id for row in Outbox.select()], ['kept'])
+        self.assertEqual(user_version(migrations.backup_path(path, 1)), 1)
+
 class DaemonSchemaTest(StorageTestCase):
 
     def test_daemon_refuses_a_database_newer_than_the_code(self):
