@@ -390,6 +390,7 @@ class BrokerServer(object):
                 except Exception:
                     log.exception('%s failed', kind)
                     ws.send_json(protocol.error('internal', 'internal error'))
+                    ws.close_with(protocol.CLOSE_INTERNAL, 'internal error')
             else:
                 ws.send_json(protocol.error('no_hello', 'must send hello first'))
             return
@@ -485,6 +486,16 @@ class BrokerServer(object):
         self._bind(conn, frame, kind, mesh, member, reattach)
 
     def _bind(self, conn, frame, kind, mesh, member, reattach):
+        try:
+            self._bind_and_ack(conn, frame, kind, mesh, member, reattach)
+        except Exception:
+            entry = conn.entry
+            if entry is not None and not entry.ready:
+                # Bound but never acked: unbind it, or it stays listed and unreachable.
+                self._drop_unacked(conn, entry, is_new=entry is not reattach)
+            raise
+
+    def _bind_and_ack(self, conn, frame, kind, mesh, member, reattach):
         ws = conn.ws
         now = protocol.utcnow()
         peer_state = None
@@ -497,7 +508,13 @@ class BrokerServer(object):
         for other in self.registry.in_mesh(mesh.id):
             if other is not reattach and other.session_id == frame['sessionId']:
                 self._remove(other, protocol.CLOSE_NORMAL, protocol.REASON_REPLACED)
-        is_new = reattach is None
+        # The reads above yield on PostgreSQL: the presence to reattach may have been evicted
+        # meanwhile, and then this hello starts a new one.
+        is_new = reattach is None or reattach.evicting or not self.registry.contains(reattach)
+        if not is_new and reattach.grace_timer is not None:
+            # Claimed before anything below yields, so its grace timer cannot evict it now.
+            reattach.grace_timer.kill(block=False)
+            reattach.grace_timer = None
         if is_new:
             entry = Entry(protocol.new_id(), mesh.id, member,
                           ROLE_SESSION if kind == 'session_hello' else ROLE_MEMBER,
@@ -548,14 +565,7 @@ class BrokerServer(object):
             hook(entry)
         if not ws.is_open:
             # D2: the socket died during the hello; nothing may stay listed as online.
-            conn.entry = None
-            entry.detach()
-            if is_new:
-                self.registry.remove(entry)
-                self._mark_disconnected(entry)
-            elif entry.grace_timer is None or entry.grace_timer.dead:
-                # It was online before this hello: it gets a fresh grace window.
-                self._start_grace(entry)
+            self._drop_unacked(conn, entry, is_new)
             log.info('socket closed during %s; presence %s dropped', kind, entry.presence_id)
             return
         if entry.grace_timer is not None:
@@ -578,6 +588,17 @@ class BrokerServer(object):
             same_member_too = kind == 'session_hello'
             self._broadcast_event(entry, event, data, include_same_member=same_member_too)
         self.delivery.drain(entry)
+
+    def _drop_unacked(self, conn, entry, is_new):
+        """Unbind an entry whose hello_ack was never written: a new one is removed, a
+        reattached one (online before this hello) gets a fresh grace window."""
+        conn.entry = None
+        entry.detach()
+        if is_new:
+            self.registry.remove(entry)
+            self._mark_disconnected(entry)
+        elif entry.grace_timer is None or entry.grace_timer.dead:
+            self._start_grace(entry)
 
     def _hello_ack(self, frame, kind, mesh, member, entry, peer_state, is_new):
         ack = {'type': 'hello_ack', 'presenceId': entry.presence_id,

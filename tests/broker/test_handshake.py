@@ -240,6 +240,24 @@ class HandshakeMixin(BrokerTestMixin):
         peers = bob_peer.expect('peers_list')['peers']
         self.assertEqual([p['memberPubkey'] for p in peers], [bob.pub])
 
+
+    def test_hello_that_fails_after_binding_closes_and_is_not_listed(self):
+        """A hello that raised after binding answered `internal` and left the socket open,
+        its presence online but never acked: unreachable, yet listed to peers."""
+        def fail(entry):
+            raise RuntimeError('injected')
+        self.broker.fault_hooks['before_hello_ack'] = fail
+        peer = self.connect()
+        peer.send(hello_frame(self.alice))
+        self.assertEqual(peer.recv(), {'type': 'error', 'code': 'internal',
+                                       'message': 'internal error'})
+        self.assertEqual(peer.expect_close().code, 1011)
+        del self.broker.fault_hooks['before_hello_ack']
+        bob = self.member('bob')
+        bob_peer, _ = self.hello(bob)
+        bob_peer.send({'type': 'list_peers', '_reqId': 'q'})
+        peers = bob_peer.expect('peers_list')['peers']
+        self.assertEqual([p['memberPubkey'] for p in peers], [bob.pub])
     def test_capacity_never_leaks(self):
         """D1: entries removed by kick, ban and sessionId de-dup free their capacity at once."""
         self.broker.max_connections_per_mesh = 4
