@@ -244,7 +244,7 @@ class Delivery(object):
             entry.status, entry.status_source = 'idle', 'jsonl'
         return protocol.PRIORITIES if entry.status == 'idle' else ('now',)
 
-    def drain(self, entry, exclude_broadcast_from=None, unclaimed_only=False):
+    def drain(self, entry, unclaimed_only=False):
         """Claim and push every eligible row for a live entry, in batches, FIFO; return the count.
 
         `unclaimed_only` is the sweeper's variant: rows whose claim merely expired wait for a
@@ -253,7 +253,7 @@ class Delivery(object):
         pushed = 0
         while entry.is_live:
             now = protocol.utcnow()
-            rows = self._claim_batch(entry, now, exclude_broadcast_from, unclaimed_only)
+            rows = self._claim_batch(entry, now, unclaimed_only)
             if not rows:
                 break
             senders = {}
@@ -270,7 +270,7 @@ class Delivery(object):
             log.debug('drained %d rows to presence %s', pushed, entry.presence_id)
         return pushed
 
-    def _claim_batch(self, entry, now, exclude_broadcast_from, unclaimed_only):
+    def _claim_batch(self, entry, now, unclaimed_only):
         MQ = store.MessageQueue
         targets = {entry.member_pubkey, '*', '@all'} | group_targets(entry.groups)
         if entry.session_pubkey:
@@ -281,8 +281,6 @@ class Delivery(object):
         where = ((MQ.mesh_id == entry.mesh_id) & MQ.delivered_at.is_null() & claimable
                  & (MQ.expires_at > now) & MQ.target_spec.in_(sorted(targets))
                  & MQ.priority.in_(list(self._allowed_priorities(entry, now))))
-        if exclude_broadcast_from:
-            where &= ~((MQ.target_spec == '*') & (MQ.sender_session_pubkey == exclude_broadcast_from))
         return store.writer.write(self._claim_rows, where, entry.presence_id, now)
 
     def _claim_rows(self, where, presence_id, now):
