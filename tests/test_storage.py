@@ -454,3 +454,31 @@ class GroupWriterTest(StorageTestCase):
         job = gevent.spawn(nested)
         job.join(timeout=DEADLINE)
         self.assertTrue(job.successful())
+
+    def test_queued_writes_report_after_their_commit_in_order_and_a_failed_submit_stays_its_own(self):
+        self.open_migrated()
+        self.start_writer()
+        writer = storage_db.writer
+        holding, release = gevent.event.Event(), gevent.event.Event()
+
+        def hold_the_write_lock():
+            with storage_db.writing():
+                holding.set()
+                release.wait(DEADLINE)
+        holder = gevent.spawn(hold_the_write_lock)
+        holding.wait(DEADLINE)
+        # The writer waits on the lock the holder has, so everything below queues up.
+        results = [writer.write_async(lambda n=n: Event.create(
+            epoch='e', kind='k%d' % n, ts='t', data='{}').seq) for n in range(5)]
+        writer.submit(lambda: Event.create(epoch='e', kind='fire', ts='t', data='{}'))
+        writer.submit(lambda: 1 / 0)
+        gevent.sleep(0)
+        self.assertFalse(any(result.ready() for result in results))
+        release.set()
+        holder.join(DEADLINE)
+        seqs = [result.get(timeout=DEADLINE) for result in results]
+        self.assertEqual(seqs, sorted(seqs))
+        storage_db.write(lambda: None)  # queued after the submits: they have committed
+        with storage_db.reading():
+            kinds = [event.kind for event in Event.select().order_by(Event.seq)]
+        self.assertEqual(kinds, ['k0', 'k1', 'k2', 'k3', 'k4', 'fire'])

@@ -139,6 +139,34 @@ class DeliveryMixin(BrokerTestMixin):
         third = self.send_ok(alice_peer, other)
         self.assertNotEqual(third['messageId'], first['messageId'])
 
+    def test_duplicate_sent_before_the_first_is_acked_is_queued_once(self):
+        """Sends are pipelined: the copy is read while the original is still being committed."""
+        alice_peer, _ = self.hello(self.alice)
+        bob_peer, _ = self.hello(self.bob)
+        frame = dm_frame(self.alice.sec, self.bob.pub, 'once')
+        alice_peer.send(frame)
+        alice_peer.send(frame)
+        acks = [alice_peer.expect('ack', skip=('push',)) for _ in range(2)]
+        self.assertEqual({ack['messageId'] for ack in acks} - {''}, {acks[0]['messageId']})
+        self.assertEqual(len(self.queue_rows(client_message_id=frame['client_message_id'])), 1)
+        self.assertEqual(bob_peer.expect('push')['messageId'], acks[0]['messageId'])
+        bob_peer.expect_nothing()
+
+    def test_pipelined_sends_are_acked_and_pushed_in_send_order(self):
+        alice_peer, _ = self.hello(self.alice)
+        bob_peer, _ = self.hello(self.bob)
+        frames = [dm_frame(self.alice.sec, self.bob.pub, 'n%02d' % n) for n in range(40)]
+        for frame in frames:
+            alice_peer.send(frame)
+        acks = [alice_peer.expect('ack', skip=('push',)) for _ in frames]
+        self.assertEqual([ack['id'] for ack in acks], [frame['id'] for frame in frames])
+        self.assertTrue(all(ack['queued'] for ack in acks))
+        pushes = [bob_peer.expect('push') for _ in frames]
+        self.assertEqual([push['client_message_id'] for push in pushes],
+                         [frame['client_message_id'] for frame in frames])
+        self.assertEqual([push['messageId'] for push in pushes],
+                         [ack['messageId'] for ack in acks])
+
     def test_refused_targets(self):
         alice_peer, _ = self.hello(self.alice)
         unknown, _ = crypto.generate_keypair()
