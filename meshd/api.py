@@ -474,7 +474,7 @@ _METHODS = [
     ('daemon.reload', daemon_reload, {'result': '{ok, attached, detached, meshes}'}),
     ('meshes.list', meshes_list, {'result': '{meshes:[{slug, name, mesh_id, member_id, pubkey, '
                                             'broker_url, joined_at, display_name, status, state}]}'}),
-    ('send', send, {'session': 'optional', 'params_limit': 256 * KIB,
+    ('send', send, {'session': 'optional', 'params_limit': 256 * KIB, 'pipelined': True,
                     'result': '{client_message_id, status, duplicate, broker_message_id, mesh, '
                               'target_spec, expires_at, recipient_name, recipient_online}'}),
     ('peers.list', peers_list, {'session': 'optional', 'result': '{peers:[…], unreachable}'}),

@@ -2,8 +2,8 @@
 
 Every failure to resolve the target happens before any outbox or idempotency row exists,
 so a refused send never consumes its client_message_id. The accepted row and its
-idempotency key are committed in one transaction before `send` answers; the drain is
-woken after the commit. Rosters are read with `list_peers`, concurrently, outside any
+idempotency key are committed in one transaction before `send` answers (the answer is a
+Pending that completes after the group commit); the drain is woken after the commit. Rosters are read with `list_peers`, concurrently, outside any
 transaction.
 """
 import re
@@ -12,6 +12,7 @@ import uuid
 import gevent
 from rpc.protocol import (CONFLICT, INVALID_PARAMS, INVALID_REQUEST, MESH_CHOICE, NOT_FOUND,
                           UPSTREAM_ERROR, RpcError, invalid_params)
+from rpc.server import Pending
 from storage import db as storage_db
 from storage.models import Idempotency, Outbox, now_ms
 
@@ -104,15 +105,17 @@ def send(ctx, to, message, mesh=None, priority=None, meta=None, reply_to_id=None
             Idempotency.create(client_message_id=cmid, request_fingerprint=fingerprint,
                                outbox_id=row_id, created_at=now)
         return existing
-    # Committed before `send` answers: an accepted message survives a crash (DESIGN.md 6).
-    existing = storage_db.write(accept)
-    if existing is not None:
-        return existing
-    daemon.wake_drain()
-    return {'client_message_id': cmid, 'status': 'queued', 'duplicate': False,
-            'broker_message_id': None, 'mesh': resolution.mesh,
-            'target_spec': resolution.target, 'expires_at': iso_from_ms(expires_at),
-            'recipient_name': resolution.name, 'recipient_online': resolution.online}
+    def answer(existing):
+        if existing is not None:
+            return existing
+        daemon.wake_drain()
+        return {'client_message_id': cmid, 'status': 'queued', 'duplicate': False,
+                'broker_message_id': None, 'mesh': resolution.mesh,
+                'target_spec': resolution.target, 'expires_at': iso_from_ms(expires_at),
+                'recipient_name': resolution.name, 'recipient_online': resolution.online}
+    # Answered once committed: an accepted message survives a crash (DESIGN.md 6). Until
+    # then the connection reads on, so a client pipelining sends shares the commits.
+    return Pending(storage_db.writer.write_async(accept), answer)
 
 
 def _frame_length(cmid, fingerprint, target, priority, nonce, ciphertext):

@@ -20,8 +20,11 @@ _TYPE_NAMES = {str: 'string', int: 'integer', float: 'number', bool: 'boolean',
 class Method:
     """A registered method: its handler, signature and how it is described and checked."""
 
-    def __init__(self, name, fn, session, params_limit, result, stream, renames=None):
+    def __init__(self, name, fn, session, params_limit, result, stream, renames=None,
+                 pipelined=False):
         self.name = name
+        # May return rpc.server.Pending: the connection reads on while it completes.
+        self.pipelined = pipelined
         # Wire names that are not Python identifiers (`from`) map to parameter names.
         self.renames = dict(renames or {})
         self._wire_names = {python: wire for wire, python in self.renames.items()}
@@ -95,13 +98,14 @@ class Registry:
         self._methods = {}
 
     def method(self, name, session='none', params_limit=DEFAULT_PARAMS_LIMIT, result='object',
-               stream=False, renames=None):
+               stream=False, renames=None, pipelined=False):
         """Decorator registering `fn(ctx, **params)` as `name`."""
         if session not in SESSION_MODES:
             raise ValueError('session must be one of %s' % (SESSION_MODES,))
 
         def register(fn):
-            self.add(Method(name, fn, session, params_limit, result, stream, renames))
+            self.add(Method(name, fn, session, params_limit, result, stream, renames,
+                            pipelined))
             return fn
         return register
 

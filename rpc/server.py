@@ -1,10 +1,14 @@
 """The JSON-RPC server: a Unix socket and an optional loopback TCP listener (spec/daemon.md §8.1).
 
 One greenlet per connection from a bounded pool reads lines until b'' (gevent's echoserver).
-Requests on one connection run one at a time, in order. Responses and notifications share a
-per-connection write lock. No handler exception reaches the StreamServer: each is logged
-and answered with a terse internal error, never a traceback.
+Requests on one connection run in order and are answered in order. A method registered
+`pipelined` (send) may return a Pending, an answer that is not ready yet (a row waiting for
+its group commit): the connection then reads on, so a client that pipelines sends shares
+commits, and any other request waits until the pending answers are out (it sees their rows).
+Responses and notifications share a per-connection write lock. No handler exception reaches
+the StreamServer: each is logged and answered with a terse internal error, never a traceback.
 """
+import collections
 import errno
 import hmac
 import json
@@ -42,6 +46,18 @@ class Stream:
         self.cancel = cancel  # undoes what the handler set up when the stream never starts
 
 
+class Pending:
+    """A handler's answer that is not ready yet: `finish(waitable.get())` is the result.
+
+    `finish` runs in the connection's answering greenlet and may raise RpcError like a
+    handler. Only methods registered `pipelined` may return one.
+    """
+
+    def __init__(self, waitable, finish):
+        self.waitable = waitable
+        self.finish = finish
+
+
 class Connection:
     """One client connection: its transport, auth state, attached session and writer."""
 
@@ -55,6 +71,32 @@ class Connection:
         self.stopping = server.stopping
         self.closed = gevent.event.Event()
         self._write_lock = gevent.lock.Semaphore()
+        self._answers = collections.deque()     # (request id, Pending or ready answer)
+        self._answerer = None
+        self._server = server
+
+    @property
+    def answers_pending(self):
+        return bool(self._answers) or (self._answerer is not None and not self._answerer.dead)
+
+    def answer_in_order(self, request_id, answer):
+        """Queue an answer (a ready message, or a Pending for `request_id`) behind the others."""
+        self._answers.append((request_id, answer))
+        if self._answerer is None or self._answerer.dead:
+            self._answerer = gevent.spawn(self._answer_queued)
+
+    def wait_answers(self):
+        """Return once every queued answer was written (or the connection is gone)."""
+        while self.answers_pending:
+            self._answerer.join()
+
+    def _answer_queued(self):
+        while self._answers:
+            request_id, answer = self._answers.popleft()
+            if isinstance(answer, Pending):
+                answer = self._server.finish_pending(request_id, answer)
+            if answer is not None:
+                self.send(answer)
 
     def send(self, message):
         """Write one message as a line; False when the peer is gone."""
@@ -196,6 +238,7 @@ class RpcServer:
                 if not line:
                     break  # the client half-closed: answer nothing more, but keep streaming
                 if len(line) - line.endswith(b'\n') > MAX_LINE:
+                    conn.wait_answers()
                     conn.send(error_response(None, RpcError.of(
                         INVALID_REQUEST, 'payload_too_large',
                         'line longer than %d bytes' % MAX_LINE)))
@@ -209,6 +252,7 @@ class RpcServer:
                 # events.subscribe outlives the client's write side (socat -t 86400 …).
                 conn.stream.join()
         finally:
+            conn.wait_answers()  # what was accepted is answered before the socket closes
             self._connections.discard(conn)
             try:
                 rfile.close()
@@ -229,8 +273,15 @@ class RpcServer:
         if not conn.authenticated:
             return self._handle_unauthenticated(conn, message)
         if isinstance(message, list):
+            conn.wait_answers()
             return self._handle_batch(conn, message)
+        if conn.answers_pending and not self._is_pipelined(message):
+            conn.wait_answers()  # it must see what the pending requests wrote
         answer, stream = self._call(conn, message)
+        if conn.answers_pending or isinstance(answer, Pending):
+            # Only a pipelined method gets here with answers pending: it never streams.
+            conn.answer_in_order(_request_id(message), answer)
+            return True
         if answer is not None and not conn.send(answer):
             if stream is not None and stream.cancel is not None:
                 stream.cancel()
@@ -270,11 +321,37 @@ class RpcServer:
                     '%s must be sent alone, not in a batch' % message.get('method')))
             else:
                 answer, _stream = self._call(conn, message)
+            if isinstance(answer, Pending):
+                answer = self.finish_pending(_request_id(message), answer)
             if answer is not None:
                 answers.append(answer)
         if answers:
             return conn.send(answers)
         return True
+
+    def _is_pipelined(self, message):
+        try:
+            return isinstance(message, dict) and self.registry.get(message.get('method')).pipelined
+        except RpcError:
+            return False
+
+    def finish_pending(self, request_id, pending):
+        """Wait for a Pending and return its answer (None for a notification)."""
+        self._active_calls += 1
+        self._idle.clear()
+        try:
+            result = pending.finish(pending.waitable.get())
+        except RpcError as exc:
+            return None if request_id is _NOTIFICATION else error_response(request_id, exc)
+        except Exception:
+            log.exception('completing a pipelined call failed')
+            error = RpcError.of(INTERNAL_ERROR, 'internal', 'internal error')
+            return None if request_id is _NOTIFICATION else error_response(request_id, error)
+        finally:
+            self._active_calls -= 1
+            if self._active_calls == 0:
+                self._idle.set()
+        return None if request_id is _NOTIFICATION else response(request_id, result)
 
     def _is_stream_method(self, name):
         try:
@@ -312,6 +389,9 @@ class RpcServer:
             self._active_calls -= 1
             if self._active_calls == 0:
                 self._idle.set()
+        if isinstance(result, Pending):
+            # Completed (and answered, unless a notification) by finish_pending, in order.
+            return result, None
         stream = None
         if isinstance(result, Stream):
             stream, result = result, result.result
@@ -382,6 +462,13 @@ def _discard_input(sock, limit=4 * MAX_LINE, seconds=1.0):
             limit -= len(chunk)
     except OSError:
         pass
+
+
+_NOTIFICATION = object()  # the request id of a request without one
+
+
+def _request_id(message):
+    return message.get('id', _NOTIFICATION) if isinstance(message, dict) else None
 
 
 def _invalid_request(message):

@@ -4,6 +4,7 @@ import secrets
 import sqlite3
 import uuid
 
+from rpc.protocol import encode, request
 from storage.models import now_ms
 from tests.base import MeshdTestCase, make_mesh
 from tests.test_sessions import presence_for
@@ -133,6 +134,29 @@ class OutboxTest(MailboxTestCase):
                                              'ttl': 10 ** 12})
         self.assertEqual(answer['error']['data']['code'], 'invalid_params')
         self.assertEqual(self.daemon.call('outbox.list')['items'], [])
+
+    def test_pipelined_sends_are_answered_in_order_and_seen_by_the_next_request(self):
+        """Sends on one connection are pipelined into shared commits; the answers still
+        leave in request order, and a request of another kind waits for them."""
+        def send(n, key, body):
+            return encode(request(n, 'send', {'to': '*', 'message': body, 'mesh': 'alpha',
+                                              'client_message_id': key}))
+        lines = [send(n, 'k%d' % n, 'n%d' % n) for n in range(30)]
+        lines.append(send(30, 'k3', 'another body'))    # queued behind its original
+        lines.append(send(31, 'k4', 'n4'))              # the same send again
+        lines.append(encode(request('list', 'outbox.list', {'limit': 100})))
+        with self.daemon.client() as client:
+            client.send_raw(b''.join(lines))
+            answers = [client.read_message() for _ in lines]
+        self.assertEqual([a['id'] for a in answers], list(range(32)) + ['list'])
+        self.assertEqual([a['result']['client_message_id'] for a in answers[:30]],
+                         ['k%d' % n for n in range(30)])
+        self.assertEqual(answers[30]['error']['data']['code'], 'conflict')
+        self.assertEqual((answers[31]['result']['client_message_id'],
+                          answers[31]['result']['duplicate']), ('k4', True))
+        self.assertEqual(sorted(item['client_message_id']
+                                for item in answers[-1]['result']['items']),
+                         sorted('k%d' % n for n in range(30)))
 
     def test_list_shows_rows_newest_first_with_expiry_and_filters_by_status(self):
         first, _ = self.add_outbox('pending', now_ms() - 1000)
