@@ -12,6 +12,8 @@ happens inside a transaction.
 import logging
 import re
 
+import gevent.event
+
 from storage import db as storage_db
 from storage.models import Outbox, now_ms
 
@@ -69,7 +71,7 @@ class Drain:
         plan = [(row, action) for row, action in self._plan(rows)]
         if not plan:
             return
-        claimed = storage_db.write(self._claim_all, [row.id for row, _action in plan], now)
+        claimed = self._claim([row.id for row, _action in plan], now)
         for row, (kind, link) in plan:
             if row.id not in claimed:
                 continue
@@ -142,6 +144,28 @@ class Drain:
             planned[id(link)] = taken + 1
             yield row, ('send', link)
 
+    def _claim(self, ids, now):
+        """Claim the still-pending rows among `ids` and return their ids as soon as the claim
+        has run in the writer, without waiting for its commit.
+
+        The writer is the only place rows are claimed, so a row is never handed out twice in
+        this process; if the commit is lost (crash, rolled-back batch) the rows are still
+        pending and go out again with the same client_message_id, which the broker
+        deduplicates. Waiting for the commit put an fsync into every window slot's cycle.
+        """
+        ran = gevent.event.AsyncResult()
+
+        def claim():
+            try:
+                claimed = self._claim_all(ids, now)
+            except BaseException as exc:
+                ran.set_exception(exc)
+                raise
+            ran.set(claimed)
+            return claimed
+        storage_db.writer.write_async(claim)
+        return ran.get()
+
     @staticmethod
     def _claim_all(ids, now):
         """Claim the still-pending rows among `ids`; return the ids claimed."""
@@ -164,10 +188,16 @@ class Drain:
             except Exception as exc:
                 log.warning('drain_send_threw', extra={'fields': {'id': row.id, 'err': str(exc)}})
                 result = {'ok': False, 'error': 'send_threw: %s' % exc, 'transient': True}
-            self._record(row, result)
-        finally:
+        except BaseException:
             link.in_flight -= 1
             self.wakeup.set()
+            raise
+        # The slot is free once the broker answered: the row stays inflight in the database
+        # until its outcome commits, so no pass can pick it up meanwhile.
+        link.in_flight -= 1
+        self.wakeup.set()
+        self._record(row, result)
+        self.wakeup.set()  # a row put back to pending is due now
 
     def _record(self, row, result):
         now = now_ms()
