@@ -30,8 +30,8 @@ class GroupWriter:
     calling greenlet is already inside a write, in which case queuing would wait on the lock
     it holds and the write runs inline instead. `write(fn, *args)` returns what `fn`
     returned once its transaction committed, or raises what `fn` raised; `write_async`
-    returns at once a result to wait on later; `submit` queues a write nobody waits for
-    (failures are logged). Before `run()` starts and after `stop()`, writes run directly,
+    returns at once a result to wait on later; `execute` returns once `fn` ran, before the
+    commit; `submit` queues a write nobody waits for (failures are logged). Before `run()` starts and after `stop()`, writes run directly,
     each in its own transaction.
     """
 
@@ -61,6 +61,24 @@ class GroupWriter:
     def write_async(self, fn, *args, **kwargs):
         """Queue a write and return at once an AsyncResult that is set after its commit."""
         return self._enqueue(gevent.event.AsyncResult(), fn, args, kwargs)
+
+    def execute(self, fn, *args, **kwargs):
+        """Run a write in the next transaction and return its result as soon as it ran, not
+        once it committed. Only for writes whose loss in a crash or a rolled-back batch is
+        harmless (claims: the rows stay pending and are handed out again); the writer being
+        the only greenlet that runs them keeps them exclusive within the process."""
+        ran = gevent.event.AsyncResult()
+
+        def run():
+            try:
+                value = fn(*args, **kwargs)
+            except BaseException as exc:
+                ran.set_exception(exc)
+                raise
+            ran.set(value)
+            return value
+        self.write_async(run)
+        return ran.get()
 
     def submit(self, fn, *args, **kwargs):
         """Queue a write nobody waits for; a failure is logged."""

@@ -455,6 +455,33 @@ class GroupWriterTest(StorageTestCase):
         job.join(timeout=DEADLINE)
         self.assertTrue(job.successful())
 
+    def test_execute_returns_once_the_write_ran_before_its_commit(self):
+        self.open_migrated()
+        self.start_writer()
+        writer = storage_db.writer
+        holding, release, gate = gevent.event.Event(), gevent.event.Event(), gevent.event.Event()
+
+        def hold_the_write_lock():
+            with storage_db.writing():
+                holding.set()
+                release.wait(DEADLINE)
+        holder = gevent.spawn(hold_the_write_lock)
+        holding.wait(DEADLINE)
+        early = gevent.spawn(writer.execute, lambda: Event.create(
+            epoch='e', kind='early', ts='t', data='{}').seq)
+        blocker = gevent.spawn(writer.write, lambda: gate.wait(DEADLINE))
+        gevent.sleep(0)
+        release.set()
+        holder.join(DEADLINE)
+        self.assertTrue(early.get(timeout=DEADLINE))
+        outside = sqlite3.connect(self.path(), timeout=10)
+        self.addCleanup(outside.close)
+        # The batch is still open (the next write waits on the gate): nothing is committed.
+        self.assertEqual(outside.execute('SELECT count(*) FROM events').fetchone()[0], 0)
+        gate.set()
+        blocker.join(DEADLINE)
+        self.assertEqual(outside.execute("SELECT kind FROM events").fetchall(), [('early',)])
+
     def test_queued_writes_report_after_their_commit_in_order_and_a_failed_submit_stays_its_own(self):
         self.open_migrated()
         self.start_writer()
