@@ -336,9 +336,11 @@ class RpcServer:
             return False
 
     def finish_pending(self, request_id, pending):
-        """Wait for a Pending and return its answer (None for a notification)."""
-        self._active_calls += 1
-        self._idle.clear()
+        """Wait for a Pending and return its answer (None for a notification).
+
+        The call stays active from the moment _call returned the Pending until here, so a
+        stopping server waits for it like for any running call.
+        """
         try:
             result = pending.finish(pending.waitable.get())
         except RpcError as exc:
@@ -348,10 +350,17 @@ class RpcServer:
             error = RpcError.of(INTERNAL_ERROR, 'internal', 'internal error')
             return None if request_id is _NOTIFICATION else error_response(request_id, error)
         finally:
-            self._active_calls -= 1
-            if self._active_calls == 0:
-                self._idle.set()
+            self._call_ended()
         return None if request_id is _NOTIFICATION else response(request_id, result)
+
+    def _call_started(self):
+        self._active_calls += 1
+        self._idle.clear()
+
+    def _call_ended(self):
+        self._active_calls -= 1
+        if self._active_calls == 0:
+            self._idle.set()
 
     def _is_stream_method(self, name):
         try:
@@ -375,8 +384,7 @@ class RpcServer:
         request_id = message.get('id')
         if isinstance(request_id, bool) or not isinstance(request_id, (str, int, type(None))):
             return error_response(None, _invalid_request('invalid id')), None
-        self._active_calls += 1
-        self._idle.clear()
+        self._call_started()
         try:
             result = self._dispatch(conn, message)
         except RpcError as exc:
@@ -386,11 +394,11 @@ class RpcServer:
             error = RpcError.of(INTERNAL_ERROR, 'internal', 'internal error')
             return (None if is_notification else error_response(request_id, error)), None
         finally:
-            self._active_calls -= 1
-            if self._active_calls == 0:
-                self._idle.set()
+            self._call_ended()
         if isinstance(result, Pending):
-            # Completed (and answered, unless a notification) by finish_pending, in order.
+            # Completed (and answered, unless a notification) by finish_pending, in order;
+            # active until then.
+            self._call_started()
             return result, None
         stream = None
         if isinstance(result, Stream):
