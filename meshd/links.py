@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 import time
 
 from meshd import crypto, fingerprint, inbound
@@ -45,6 +46,11 @@ class MemberLink(Link):
     @property
     def pubkey(self):
         return self.mesh['pubkey']
+
+    def on_first_connect_failed(self, error):
+        # Plain text on stderr, as spec/daemon.md §1.6 step 10 has it; the link keeps trying.
+        sys.stderr.write('broker connect failed for %s: %s\n' % (self.name, error))
+        sys.stderr.flush()
 
     def build_hello(self):
         mesh = self.mesh

@@ -66,6 +66,7 @@ class Link:
         self._requests = {}      # _reqId -> AsyncResult of the reply
         self._request_seq = 0
         self._failures = 0
+        self._opened = False     # a hello_ack was ever received on this link
         self._last_activity = time.monotonic()
         self._last_error_frame = None
         self._connecting = None
@@ -115,11 +116,15 @@ class Link:
         self._drop_socket()
 
     def _run(self):
+        first = True
         while not self.is_closed:
             delay = self._attempt()
             if delay is STOPPED or self.is_closed:
                 self._set_status('closed')
                 return
+            if first and not self._opened:
+                self.on_first_connect_failed(self.detail or self._last_reason or 'closed')
+            first = False
             delay *= self.timings['link_backoff_scale']
             self.retry_at = iso_from_ms(int((time.time() + delay) * 1000))
             self._set_status('reconnecting')
@@ -160,6 +165,7 @@ class Link:
             self._ws = ws
             ws.settimeout(None)
             self._failures = 0
+            self._opened = True
             self.state, self.detail, self.retry_at = 'ok', None, None
             self._set_status('open')
             self._log('info', 'ws_hello_acked', url=self.url)
@@ -405,6 +411,9 @@ class Link:
         self.daemon.wake_drain()
 
     def on_closed(self, code, reason):
+        pass
+
+    def on_first_connect_failed(self, error):
         pass
 
     def on_handshake_error(self, frame):

@@ -344,6 +344,9 @@ class LinkStateTest(LinksTestCase):
         da = self.daemon([alice], wait_open=False)
         wait_for(lambda: da.call('daemon.health')['brokers']['team']['state'] == 'unreachable',
                  what='unreachable state')
+        # spec/daemon.md §1.6 step 10: one plain line on stderr, the link keeps trying.
+        wait_for(lambda: 'broker connect failed for team: ' in da.stderr(), what='stderr line')
+        self.assertEqual(da.stderr().count('broker connect failed for team'), 1)
         da.call('send', {'to': bob['pubkey'], 'message': 'sent before any connection',
                          'mesh': 'team'})
         self.start_broker(port)

@@ -436,7 +436,7 @@ class GroupWriterTest(StorageTestCase):
         self.assertTrue(any(not job.successful() for job in jobs))
 
     def test_writes_queued_when_the_writer_stops_still_run(self):
-        database = self.open_migrated()
+        self.open_migrated()
         self.start_writer()
         storage_db.writer.stop(5)
         seq = storage_db.write(lambda: Event.create(epoch='e', kind='late', ts='t', data='{}').seq)
