@@ -127,7 +127,8 @@ class BrokerServer(object):
         self.http = HttpRoutes(self)
         self.group = gevent.pool.Group()
         self.sockets = set()
-        # Test seams: 'before_hello_ack' is called with the entry right before hello_ack.
+        # Test seams: 'before_hello_ack' is called with the entry right before hello_ack;
+        # 'before_bind' with the presence a hello is about to reattach.
         self.fault_hooks = {}
         # Test seam: the clock the hello skew and attestation checks read (ms since the epoch).
         self.clock_ms = protocol.now_ms
@@ -508,6 +509,9 @@ class BrokerServer(object):
         for other in self.registry.in_mesh(mesh.id):
             if other is not reattach and other.session_id == frame['sessionId']:
                 self._remove(other, protocol.CLOSE_NORMAL, protocol.REASON_REPLACED)
+        hook = self.fault_hooks.get('before_bind')
+        if hook is not None and reattach is not None:
+            hook(reattach)
         # The reads above yield on PostgreSQL: the presence to reattach may have been evicted
         # meanwhile, and then this hello starts a new one.
         is_new = reattach is None or reattach.evicting or not self.registry.contains(reattach)

@@ -4,7 +4,9 @@ import unittest
 
 from meshd import crypto
 from meshd.broker import protocol, store
-from tests.broker.base import BrokerTestMixin, Closed, hello_frame, session_hello_frame
+from meshd.broker.presence import OFFLINE
+from tests.broker.base import (BrokerTestMixin, Closed, hello_frame, session_hello_frame,
+                               wait_for)
 
 NOW = 1800000000000
 
@@ -240,6 +242,26 @@ class HandshakeMixin(BrokerTestMixin):
         peers = bob_peer.expect('peers_list')['peers']
         self.assertEqual([p['memberPubkey'] for p in peers], [bob.pub])
 
+
+    def test_presence_evicted_during_a_reattaching_hello_gives_a_new_presence(self):
+        """On PostgreSQL the hello's reads yield: the presence it meant to reattach could be
+        evicted meanwhile, and the socket was bound to an entry no longer registered."""
+        first, _ = self.hello(self.alice, sessionId='laptop')
+        old = self.broker.registry.all()[0]
+        first.close()
+        wait_for(lambda: old.lease == OFFLINE, what='offline lease')
+        self.broker.fault_hooks['before_bind'] = lambda entry: self.broker._evict(
+            entry, entry.grace_token)
+        again, ack = self.hello(self.alice, sessionId='laptop')
+        del self.broker.fault_hooks['before_bind']
+        entries = self.broker.registry.all()
+        self.assertEqual(len(entries), 1)
+        self.assertIsNot(entries[0], old)
+        self.assertTrue(entries[0].is_live)
+        bob_peer, _ = self.hello(self.member('bob'))
+        bob_peer.send({'type': 'list_peers', '_reqId': 'q'})
+        peers = bob_peer.expect('peers_list', skip=('push',))['peers']
+        self.assertIn(self.alice.pub, [p['memberPubkey'] for p in peers])
 
     def test_hello_that_fails_after_binding_closes_and_is_not_listed(self):
         """A hello that raised after binding answered `internal` and left the socket open,
