@@ -77,8 +77,11 @@ class GroupWriter:
                 raise
             ran.set(value)
             return value
-        self.write_async(run)
-        return ran.get()
+        committed = self.write_async(run)
+        # A batch can fail before this write's turn (disk full in an earlier write): then
+        # `run` never runs, and the batch's error comes through `committed`.
+        gevent.wait([ran, committed], count=1)
+        return ran.get() if ran.ready() else committed.get()
 
     def submit(self, fn, *args, **kwargs):
         """Queue a write nobody waits for; a failure is logged."""

@@ -435,6 +435,37 @@ class GroupWriterTest(StorageTestCase):
         self.assertNotIn('big', committed)
         self.assertTrue(any(not job.successful() for job in jobs))
 
+    def test_execute_queued_behind_a_write_that_aborts_the_batch_raises(self):
+        """execute() waited forever when the batch failed before its write ran."""
+        database = self.open_migrated()
+        self.start_writer()
+        holding, release = gevent.event.Event(), gevent.event.Event()
+
+        def hold_the_write_lock():
+            with storage_db.writing():
+                holding.set()
+                release.wait(DEADLINE)
+
+        def end_the_transaction():
+            # What SQLite does on disk full or an I/O error: the whole transaction is gone.
+            database.execute_sql('ROLLBACK')
+            raise RuntimeError('disk I/O error')
+        holder = gevent.spawn(hold_the_write_lock)
+        holding.wait(DEADLINE)
+        # Queued together, so that they share one batch.
+        first = gevent.spawn(storage_db.write, end_the_transaction)
+        second = gevent.spawn(storage_db.writer.execute, lambda: Event.create(
+            epoch='e', kind='small', ts='t', data='{}').seq)
+        gevent.sleep(0)
+        release.set()
+        holder.join(DEADLINE)
+        gevent.joinall([first, second], timeout=DEADLINE)
+        self.assertTrue(second.ready(), 'execute() still waiting')
+        self.assertFalse(first.successful())
+        self.assertFalse(second.successful())
+        with storage_db.reading():
+            self.assertEqual(Event.select().count(), 0)
+
     def test_writes_queued_when_the_writer_stops_still_run(self):
         self.open_migrated()
         self.start_writer()
