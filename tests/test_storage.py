@@ -409,6 +409,24 @@ class GroupWriterTest(StorageTestCase):
         gevent.sleep(0)
         return writer
 
+    def hold_write_lock(self):
+        """Hold the write lock in another greenlet, so that writes queue up behind it (this
+        greenlet is not a writer, so its writes are queued, not run inline); return the
+        function that lets go."""
+        holding, release = gevent.event.Event(), gevent.event.Event()
+
+        def hold():
+            with storage_db.writing():
+                holding.set()
+                release.wait(DEADLINE)
+        holder = gevent.spawn(hold)
+        holding.wait(DEADLINE)
+
+        def let_go():
+            release.set()
+            holder.join(DEADLINE)
+        return let_go
+
     def test_a_disk_full_rollback_fails_every_write_of_the_batch(self):
         """With the disk full, SQLite rolled the whole group transaction back while the
         writes before the failing one were still reported committed (a lost message)."""
@@ -439,26 +457,18 @@ class GroupWriterTest(StorageTestCase):
         """execute() waited forever when the batch failed before its write ran."""
         database = self.open_migrated()
         self.start_writer()
-        holding, release = gevent.event.Event(), gevent.event.Event()
-
-        def hold_the_write_lock():
-            with storage_db.writing():
-                holding.set()
-                release.wait(DEADLINE)
 
         def end_the_transaction():
             # What SQLite does on disk full or an I/O error: the whole transaction is gone.
             database.execute_sql('ROLLBACK')
             raise RuntimeError('disk I/O error')
-        holder = gevent.spawn(hold_the_write_lock)
-        holding.wait(DEADLINE)
+        let_go = self.hold_write_lock()
         # Queued together, so that they share one batch.
         first = gevent.spawn(storage_db.write, end_the_transaction)
         second = gevent.spawn(storage_db.writer.execute, lambda: Event.create(
             epoch='e', kind='small', ts='t', data='{}').seq)
         gevent.sleep(0)
-        release.set()
-        holder.join(DEADLINE)
+        let_go()
         gevent.joinall([first, second], timeout=DEADLINE)
         self.assertTrue(second.ready(), 'execute() still waiting')
         self.assertFalse(first.successful())
@@ -490,20 +500,13 @@ class GroupWriterTest(StorageTestCase):
         self.open_migrated()
         self.start_writer()
         writer = storage_db.writer
-        holding, release, gate = gevent.event.Event(), gevent.event.Event(), gevent.event.Event()
-
-        def hold_the_write_lock():
-            with storage_db.writing():
-                holding.set()
-                release.wait(DEADLINE)
-        holder = gevent.spawn(hold_the_write_lock)
-        holding.wait(DEADLINE)
+        gate = gevent.event.Event()
+        let_go = self.hold_write_lock()
         early = gevent.spawn(writer.execute, lambda: Event.create(
             epoch='e', kind='early', ts='t', data='{}').seq)
         blocker = gevent.spawn(writer.write, lambda: gate.wait(DEADLINE))
         gevent.sleep(0)
-        release.set()
-        holder.join(DEADLINE)
+        let_go()
         self.assertTrue(early.get(timeout=DEADLINE))
         outside = sqlite3.connect(self.path(), timeout=10)
         self.addCleanup(outside.close)
@@ -517,14 +520,7 @@ class GroupWriterTest(StorageTestCase):
         self.open_migrated()
         self.start_writer()
         writer = storage_db.writer
-        holding, release = gevent.event.Event(), gevent.event.Event()
-
-        def hold_the_write_lock():
-            with storage_db.writing():
-                holding.set()
-                release.wait(DEADLINE)
-        holder = gevent.spawn(hold_the_write_lock)
-        holding.wait(DEADLINE)
+        let_go = self.hold_write_lock()
         # The writer waits on the lock the holder has, so everything below queues up.
         results = [writer.write_async(lambda n=n: Event.create(
             epoch='e', kind='k%d' % n, ts='t', data='{}').seq) for n in range(5)]
@@ -532,8 +528,7 @@ class GroupWriterTest(StorageTestCase):
         writer.submit(lambda: 1 / 0)
         gevent.sleep(0)
         self.assertFalse(any(result.ready() for result in results))
-        release.set()
-        holder.join(DEADLINE)
+        let_go()
         seqs = [result.get(timeout=DEADLINE) for result in results]
         self.assertEqual(seqs, sorted(seqs))
         storage_db.write(lambda: None)  # queued after the submits: they have committed
