@@ -194,7 +194,8 @@ def _valid_presence(presence):
 
 def sessions_register(ctx, token: str = None, session_id: str = None, mesh: str = None,
                       display_name: str = None, pid: int = None, cwd: str = None,
-                      role: str = None, groups: list = None, presence: dict = None):
+                      role: str = None, groups: list = None, presence: dict = None,
+                      replace: bool = False):
     """Register an agent session (its token, mesh binding, pid and optional presence)."""
     token = _token(token, 'token must be 64 hex chars')
     if not (session_id and mesh and display_name and pid):
@@ -208,7 +209,7 @@ def sessions_register(ctx, token: str = None, session_id: str = None, mesh: str 
             log.warning('session_register_presence_malformed', extra={'fields': {'mesh': mesh}})
     info = SessionInfo(token, session_id, mesh, display_name, pid, cwd=cwd, role=role,
                        groups=groups, presence=accepted)
-    stored = ctx.app.register_session(info)
+    stored = ctx.app.register_session(info, replace=replace)
     return {'ok': True, 'registered_at': stored.registered_at,
             'presence_accepted': accepted is not None}
 
@@ -241,7 +242,7 @@ def _inbox_item(row):
             'body': row.body, 'received_at': _iso(row.received_at),
             'reply_to_id': row.reply_to_id, 'seen_at': _iso(row.seen_at),
             'recipient_pubkey': row.recipient_pubkey, 'recipient_kind': row.recipient_kind,
-            'decrypt_failed': bool(row.decrypt_failed)}
+            'decrypt_failed': bool(row.decrypt_failed), 'e2e': bool(row.e2e)}
 
 
 def inbox_list(ctx, since: str = None, topic: str = None, sender: str = None,
@@ -340,7 +341,7 @@ def outbox_list(ctx, status: str = None, limit: int = None):
 
 def outbox_requeue(ctx, id: str = None, new_client_message_id: str = None,  # noqa: A002
                    aborted_by: str = 'operator'):
-    """Abort a pending, inflight or dead row and queue a copy under a new client_message_id."""
+    """Abort a pending, inflight, dead or undelivered row; queue a copy under a new id."""
     if not id:
         raise invalid_params("missing 'id'")
     new_cmid = (new_client_message_id or '').strip() or str(uuid.uuid4())
@@ -356,7 +357,8 @@ def outbox_requeue(ctx, id: str = None, new_client_message_id: str = None,  # no
                               reason='client_message_id_in_use')
         (Outbox.update(status='aborted', aborted_at=now, aborted_by=aborted_by or 'operator',
                        superseded_by=new_id)
-         .where((Outbox.id == id) & Outbox.status.in_(('pending', 'inflight', 'dead')))
+         .where((Outbox.id == id)
+                & Outbox.status.in_(('pending', 'inflight', 'dead', 'undelivered')))
          .execute())
         Outbox.create(id=new_id, client_message_id=new_cmid,
                       request_fingerprint=row.request_fingerprint, payload=row.payload,
@@ -476,7 +478,8 @@ _METHODS = [
                                             'broker_url, joined_at, display_name, status, state}]}'}),
     ('send', send, {'session': 'optional', 'params_limit': 256 * KIB, 'pipelined': True,
                     'result': '{client_message_id, status, duplicate, broker_message_id, mesh, '
-                              'target_spec, expires_at, recipient_name, recipient_online}'}),
+                              'target_spec, expires_at, recipient_name, recipient_online, '
+                              'broker_dm_ttl}'}),
     ('peers.list', peers_list, {'session': 'optional', 'result': '{peers:[…], unreachable}'}),
     ('sessions.register', sessions_register,
      {'result': '{ok, registered_at, presence_accepted}'}),

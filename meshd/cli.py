@@ -21,7 +21,8 @@ from meshd.pidfile import read_running_pid
 SPAWN_TIMEOUT = 10.0     # seconds `daemon up` waits for the socket to answer
 STOP_TIMEOUT = 15.0      # seconds `daemon down` waits for the process to exit
 OUTBOX_STATUS_FLAGS = (('pending', 'pending'), ('inflight', 'inflight'), ('done', 'done'),
-                       ('failed', 'dead'), ('aborted', 'aborted'))
+                       ('failed', 'dead'), ('aborted', 'aborted'),
+                       ('undelivered', 'undelivered'))
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -354,15 +355,26 @@ def inbox(*, mesh=None, limit=100, unread=False, json=False):
     print('inbox — %s (%d%s messages)' % (mesh or 'all meshes', len(items),
                                          ' unread' if unread else ''))
     for item in items:
-        body = item['body']
-        if item.get('decrypt_failed'):
-            body = '[could not decrypt]'
-        elif body is None:
-            body = '[encrypted]'
-        topic = ' (#%s)' % item['topic'] if item.get('topic') else ''
-        print('%s (%s) [%s]%s %s' % (item['sender_name'], item['sender_pubkey'][:8],
-                                     item['mesh'], topic, item['received_at']))
-        print('  %s' % body)
+        print(_inbox_heading(item))
+        print('  %s' % _inbox_body(item))
+
+
+def _inbox_heading(item):
+    """Who sent a row and how: only a row sealed to us end to end reads as a direct message."""
+    sender = '%s (%s)' % (item['sender_name'], item['sender_pubkey'][:8])
+    topic = ' (#%s)' % item['topic'] if item.get('topic') else ''
+    where = '[%s]%s %s' % (item['mesh'], topic, item['received_at'])
+    if item.get('decrypt_failed'):
+        return 'undecryptable message claiming to be from %s %s' % (sender, where)
+    if item.get('e2e'):
+        return 'direct message from %s %s' % (sender, where)
+    return 'broadcast from %s (not end-to-end encrypted) %s' % (sender, where)
+
+
+def _inbox_body(item):
+    if item.get('decrypt_failed'):
+        return '[could not decrypt]'
+    return '[no body]' if item['body'] is None else item['body']
 
 
 @argh.arg('action', nargs='?', default='list', choices=('list', 'requeue'),
@@ -373,10 +385,12 @@ def inbox(*, mesh=None, limit=100, unread=False, json=False):
 @argh.arg('--done', default=False, action='store_true', help='only delivered rows')
 @argh.arg('--failed', default=False, action='store_true', help='only dead rows')
 @argh.arg('--aborted', default=False, action='store_true', help='only aborted rows')
+@argh.arg('--undelivered', default=False, action='store_true',
+          help='only rows the broker reported undelivered')
 @argh.arg('--new-client-id', default=None, help='client_message_id of the requeued copy')
 @argh.arg('--json', default=False, action='store_true', help='machine-readable output')
 def outbox(action, row_id, *, pending=False, inflight=False, done=False, failed=False,
-           aborted=False, new_client_id=None, json=False):
+           aborted=False, undelivered=False, new_client_id=None, json=False):
     """List outbox rows, or requeue one (outbox requeue ID)."""
     paths = Paths()
     if action == 'requeue':
@@ -399,7 +413,8 @@ def outbox(action, row_id, *, pending=False, inflight=False, done=False, failed=
                   % (result['aborted_row_id'], result['new_row_id'],
                      result['new_client_message_id']))
         return
-    chosen = dict(pending=pending, inflight=inflight, done=done, failed=failed, aborted=aborted)
+    chosen = dict(pending=pending, inflight=inflight, done=done, failed=failed, aborted=aborted,
+                  undelivered=undelivered)
     params = {}
     for flag, status_name in OUTBOX_STATUS_FLAGS:
         if chosen[flag]:
@@ -476,10 +491,16 @@ def send(to, *message, mesh=None, priority=None, ttl=None, client_message_id=Non
         _print_json({'ok': True, 'messageId': message_id, 'target': result['target_spec'],
                      'via': 'daemon', 'duplicate': result['duplicate'],
                      'status': result['status'], 'recipientOnline': result['recipient_online'],
-                     'expiresAt': result['expires_at']})
+                     'expiresAt': result['expires_at'],
+                     'brokerDmTtl': result.get('broker_dm_ttl')})
         return
     target = result.get('recipient_name') or result['target_spec'][:16] + '…'
-    if result['recipient_online'] is False:
+    broker_ttl = result.get('broker_dm_ttl')
+    if result['recipient_online'] is False and broker_ttl:
+        print('⚠ queued for %s — no connected peer matches this key on "%s"; its broker keeps '
+              'it %s, then `meshd outbox` shows it undelivered.'
+              % (target, result['mesh'], _seconds_text(broker_ttl)))
+    elif result['recipient_online'] is False:
         print('⚠ queued for %s — no connected peer matches this key on "%s"; it waits until %s.'
               % (target, result['mesh'], result['expires_at']))
     elif result['recipient_online']:
@@ -487,6 +508,13 @@ def send(to, *message, mesh=None, priority=None, ttl=None, client_message_id=Non
                                                   message_id[:8]))
     else:
         print('✔ sent to %s (daemon)  %s' % (to, message_id[:8]))
+
+
+def _seconds_text(seconds):
+    for unit, size, name in (('d', 86400, 'days'), ('h', 3600, 'hours'), ('m', 60, 'minutes')):
+        if seconds >= size:
+            return '%g %s' % (round(seconds / size, 1), name)
+    return '%d seconds' % seconds
 
 
 def _send_failed(exc, to, mesh, as_json):

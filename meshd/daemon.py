@@ -16,7 +16,7 @@ import gevent
 import gevent.event
 import gevent.pool
 from gevent import monkey
-from rpc.protocol import INVALID_PARAMS, RpcError
+from rpc.protocol import CONFLICT, INVALID_PARAMS, RpcError
 from rpc.registry import Registry
 from rpc.server import RpcServer
 from storage import db as storage_db
@@ -238,8 +238,18 @@ class Daemon:
 
     # -- sessions ----------------------------------------------------------------------
 
-    def register_session(self, info):
-        """Register a session from the API; its presented keypair is kept for rehydration."""
+    def register_session(self, info, replace=False):
+        """Register a session from the API; its presented keypair is kept for rehydration.
+
+        A session id that another live process holds is refused unless `replace`: taking
+        it over silently would kill the first session's token and overwrite its key file.
+        """
+        holder = self.registry.holder(info)
+        if holder is not None and not replace:
+            raise RpcError.of(CONFLICT, 'session_exists',
+                              'session %s is held by another live process (pid %d); pass '
+                              'replace to take it over' % (info.session_id, holder.pid),
+                              session_id=info.session_id, pid=holder.pid)
         if info.presence is not None:
             keystore.remember(self.paths, info.mesh, info.session_id, info.session_pubkey,
                               info.presence['session_secret_key'])

@@ -2,8 +2,11 @@
 
 A message is decrypted with the session key, then the member key; a multicast body is
 base64 plaintext. The row is recipient-scoped by the key that opened it and deduplicated on
-(client_message_id, recipient), so the copies the broker fans out to every link of a member
-become one row. The client_ack goes out after the inbox commit, for duplicates too, so the
+(mesh, sender, client_message_id, recipient), so the copies the broker fans out to every
+link of a member become one row, and no sender can suppress another's message by reusing
+its id (DESIGN.md 6). A push carries no target, so a plaintext body cannot be told from a
+broadcast by its frame: only a body that opened with crypto_box from the stated sender is
+`e2e`, and every other row is shown as a broadcast, never as a private message. The client_ack goes out after the inbox commit, for duplicates too, so the
 broker stops re-pushing; the event is published only for a new row.
 """
 import base64
@@ -37,7 +40,7 @@ def handle_push(daemon, link, frame, session_secret=None):
     mesh = link.mesh
     sender = (_text(frame.get('senderPubkey')) or '').lower()
     nonce, ciphertext = _text(frame.get('nonce')), _text(frame.get('ciphertext'))
-    body, recipient_kind, recipient_pubkey, failed = _open(
+    body, recipient_kind, recipient_pubkey, failed, sealed = _open(
         mesh, link, sender, nonce, ciphertext, session_secret)
     broker_id = _text(frame.get('messageId'))
     cmid = _text(frame.get('client_message_id')) or broker_id or str(uuid.uuid4())
@@ -48,7 +51,7 @@ def handle_push(daemon, link, frame, session_secret=None):
                meta=json.dumps({'created_at': created_at}) if created_at else None,
                received_at=now_ms(), reply_to_id=_text(frame.get('replyToId')),
                recipient_pubkey=recipient_pubkey, recipient_kind=recipient_kind,
-               decrypt_failed=1 if failed else 0)
+               decrypt_failed=1 if failed else 0, e2e=1 if sealed else 0)
     def store():
         # INSERT OR IGNORE on inbox_dedupe: one row changed is a new message, none a duplicate.
         inserted = storage_db.db.execute_sql(
@@ -69,30 +72,30 @@ def handle_push(daemon, link, frame, session_secret=None):
 
 
 def _open(mesh, link, sender, nonce, ciphertext, session_secret):
-    """(body, recipient_kind, recipient_pubkey, decrypt_failed) per spec/daemon.md §7.2."""
+    """(body, recipient_kind, recipient_pubkey, decrypt_failed, e2e) per spec/daemon.md §7.2."""
     member = ('member', mesh['pubkey'])
     if ciphertext is None:
-        return (None,) + member + (False,)
+        return (None,) + member + (False, False)
     if nonce and sender and sender != 'system':
         if session_secret is not None:
             try:
                 plain = crypto.open_dm(nonce, ciphertext, sender, session_secret)
                 return (plain.decode('utf-8', 'replace'), 'session',
-                        link.pubkey, False)
+                        link.pubkey, False, True)
             except crypto.DecryptError:
                 pass
         try:
             plain = crypto.open_dm(nonce, ciphertext, sender, mesh['secretKey'])
-            return (plain.decode('utf-8', 'replace'),) + member + (False,)
+            return (plain.decode('utf-8', 'replace'),) + member + (False, True)
         except crypto.DecryptError:
             pass
     try:
         # Multicast bodies are base64 plaintext; the decode is strict so that a sealed DM
         # that could not be opened is flagged instead of stored as garbage.
         plain = base64.b64decode(ciphertext, validate=True).decode('utf-8')
-        return (plain,) + member + (False,)
+        return (plain,) + member + (False, False)
     except (binascii.Error, ValueError):
-        return (None, link.kind, link.pubkey, True)
+        return (None, link.kind, link.pubkey, True, False)
 
 
 def _event_data(row, frame):
@@ -104,7 +107,7 @@ def _event_data(row, frame):
             'body': row['body'], 'created_at': _text(frame.get('createdAt')),
             'recipient_pubkey': row['recipient_pubkey'],
             'recipient_kind': row['recipient_kind'],
-            'decrypt_failed': bool(row['decrypt_failed'])}
+            'decrypt_failed': bool(row['decrypt_failed']), 'e2e': bool(row['e2e'])}
     if _text(frame.get('subtype')):
         data['subtype'] = frame['subtype']
     return data

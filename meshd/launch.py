@@ -67,6 +67,9 @@ def run(paths, command, mesh=None, name=None, role=None, groups=None, resume=Non
                                'session_pubkey': wire['sessionPubkey'],
                                'parent_member_pubkey': wire['parentMemberPubkey'],
                                'expires_at': wire['expiresAt'], 'signature': wire['signature']}}}
+    if resume:
+        # Resuming means taking the identity over, also from a process that still holds it.
+        params['replace'] = True
     if role:
         params['role'] = role
     if groups:
@@ -78,7 +81,14 @@ def run(paths, command, mesh=None, name=None, role=None, groups=None, resume=Non
             client.call('sessions.register', params)
             client.call('session.attach', {'token': token})
             out(_welcome(client, slug, display_name))
-    except (RpcConnectionError, RpcCallError) as exc:
+    except RpcCallError as exc:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if exc.slug == 'session_exists':
+            raise LaunchError('session %s is held by another live process (pid %s); '
+                              '`meshd launch --resume %s` takes it over'
+                              % (session_id, exc.data.get('pid'), session_id))
+        raise LaunchError('session registration refused: %s' % exc.error.get('message'))
+    except RpcConnectionError as exc:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise LaunchError('daemon not reachable — %s (run `meshd daemon up`)' % exc)
     env = dict(os.environ, MESHD_SESSION_TOKEN_FILE=token_file, MESHD_MESH=slug,

@@ -12,12 +12,23 @@ import socket
 import sys
 import time
 
+from storage import db as storage_db
+from storage.models import Outbox
+
 from meshd import crypto, fingerprint, inbound
 from meshd.wslink import Link
 
 log = logging.getLogger(__name__)
 
 ATTESTATION_TTL_MS = 12 * 3600 * 1000
+EXT_VERSION = 1
+# meshd extensions this daemon speaks (docs/wire-extensions.md), announced in every hello;
+# a claudemesh broker ignores the field.
+DAEMON_EXTENSIONS = ('undelivered',)
+
+
+def _meshd_ext():
+    return {'v': EXT_VERSION, 'features': list(DAEMON_EXTENSIONS)}
 
 
 def stable_session_id(member_pubkey, host_id=None):
@@ -62,7 +73,7 @@ class MemberLink(Link):
         hello.update({
             'sessionId': self.session_id, 'pid': os.getpid(), 'cwd': os.getcwd(),
             'hostname': socket.gethostname(), 'peerType': 'ai', 'channel': 'claudemesh-daemon',
-            'timestamp': timestamp,
+            'meshdExt': _meshd_ext(), 'timestamp': timestamp,
             'signature': crypto.sign_hex(mesh['secretKey'], crypto.member_hello_text(
                 mesh['meshId'], mesh['memberId'], mesh['pubkey'], timestamp))})
         return hello
@@ -76,6 +87,25 @@ class MemberLink(Link):
         if sender_member and sender_member == self.pubkey.lower():
             return  # our own send echoed on the member socket (1.34.9)
         inbound.handle_push(self.daemon, self, frame, session_secret=None)
+
+    def on_undelivered(self, frame):
+        """The broker gave up on one of our DMs (meshd extension): the outbox row becomes
+        `undelivered` with a readable reason, then the notice is acked so it stops."""
+        message_id = frame.get('messageId')
+        cmid = frame.get('clientMessageId')
+        if not isinstance(message_id, str) or not message_id:
+            return
+        reason = undelivered_reason(frame)
+        changed = 0
+        if isinstance(cmid, str) and cmid:
+            changed = storage_db.write(Outbox.mark_undelivered, cmid, message_id, reason)
+        if changed:
+            log.warning('outbox_undelivered', extra={'fields': {
+                'mesh': self.name, 'client_message_id': cmid, 'reason': reason}})
+            self.daemon.publish_event('message_undelivered', {
+                'mesh': self.name, 'client_message_id': cmid, 'broker_message_id': message_id,
+                'target_spec': frame.get('targetSpec'), 'reason': reason})
+        self.send_frame({'type': 'meshd_undelivered_ack', 'messageId': message_id})
 
     def list_peers(self, max_age=0.0):
         """The broker's roster of this mesh, or None when it cannot be read.
@@ -144,6 +174,7 @@ class SessionLink(Link):
             hello['groups'] = groups
         if info.role:
             hello['role'] = info.role
+        hello['meshdExt'] = _meshd_ext()
         hello['timestamp'] = timestamp
         hello['signature'] = crypto.sign_hex(self.secret, crypto.session_hello_text(
             mesh['meshId'], mesh['pubkey'], self.pubkey, timestamp))
@@ -161,6 +192,26 @@ class SessionLink(Link):
     def _log(self, level, msg, **fields):
         fields.setdefault('session_pubkey', self.pubkey[:12])
         super()._log(level, msg, **fields)
+
+
+def undelivered_reason(frame):
+    """One line for `last_error` from a broker's undelivered notice."""
+    reason = frame.get('reason')
+    if reason == 'expired':
+        ttl = frame.get('dmTtlSeconds')
+        kept = (' (it keeps an undelivered DM %s)' % _duration(ttl)
+                if isinstance(ttl, int) and not isinstance(ttl, bool) else '')
+        return 'undelivered: expired at the broker before the recipient came online%s' % kept
+    if reason == 'recipient_removed':
+        return 'undelivered: the recipient was removed from the mesh'
+    return 'undelivered: %s' % (reason if isinstance(reason, str) else 'refused by the broker')
+
+
+def _duration(seconds):
+    for unit, size in (('d', 86400), ('h', 3600), ('m', 60)):
+        if seconds >= size and seconds % size == 0:
+            return '%d%s' % (seconds // size, unit)
+    return '%ds' % seconds
 
 
 def _group(text):

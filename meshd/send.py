@@ -88,7 +88,9 @@ def send(ctx, to, message, mesh=None, priority=None, meta=None, reply_to_id=None
                           'message too large: the frame would be %d bytes > %d'
                           % (frame_length, FRAME_LIMIT))
     now = now_ms()
-    expires_at = now + int((ttl or daemon.timings['outbox_ttl']) * 1000)
+    ttl_s = ttl or daemon.timings['outbox_ttl']
+    expires_at = now + int(ttl_s * 1000)
+    broker_ttl = _shorter_broker_ttl(daemon, resolution, ttl_s)
     row_id = str(uuid.uuid4())
     def accept():
         # Again inside the transaction: a concurrent send with the same key may have won.
@@ -112,10 +114,19 @@ def send(ctx, to, message, mesh=None, priority=None, meta=None, reply_to_id=None
         return {'client_message_id': cmid, 'status': 'queued', 'duplicate': False,
                 'broker_message_id': None, 'mesh': resolution.mesh,
                 'target_spec': resolution.target, 'expires_at': iso_from_ms(expires_at),
-                'recipient_name': resolution.name, 'recipient_online': resolution.online}
+                'recipient_name': resolution.name, 'recipient_online': resolution.online,
+                'broker_dm_ttl': broker_ttl}
     # Answered once committed: an accepted message survives a crash (DESIGN.md 6). Until
     # then the connection reads on, so a client pipelining sends shares the commits.
     return Pending(storage_db.writer.write_async(accept), answer)
+
+
+def _shorter_broker_ttl(daemon, resolution, ttl_s):
+    """The broker's DM TTL in seconds when it would drop this DM before the daemon gives
+    up on it (announced by meshd's broker in hello_ack), else None."""
+    link = daemon.links.get(resolution.mesh)
+    broker_ttl = getattr(link, 'broker_dm_ttl', None) if resolution.is_dm else None
+    return broker_ttl if broker_ttl is not None and broker_ttl < ttl_s else None
 
 
 def _frame_length(cmid, fingerprint, target, priority, nonce, ciphertext):
@@ -145,7 +156,7 @@ def _decide(cmid, fingerprint):
                 'duplicate': True, 'broker_message_id': row.broker_message_id,
                 'mesh': row.mesh, 'target_spec': row.target_spec,
                 'expires_at': iso_from_ms(row.expires_at), 'recipient_name': None,
-                'recipient_online': None}
+                'recipient_online': None, 'broker_dm_ttl': None}
     if status in ('pending', 'inflight', 'done'):
         reason = 'outbox_%s_fingerprint_mismatch' % status
     else:

@@ -73,8 +73,28 @@ class SessionRegistry:
     def all(self):
         return list(self.by_token.values())
 
+    def holder(self, info):
+        """The registered session of `info.session_id` that another live process holds.
+
+        Re-registration by the same process (same pid and start time) is not a conflict,
+        nor is a prior entry whose process has gone (the reaper has not run yet).
+        """
+        prior_token = self.by_session_id.get(info.session_id)
+        prior = self.by_token.get(prior_token) if prior_token is not None else None
+        if prior is None or not procs.is_alive(prior.pid):
+            return None
+        live = procs.start_time(prior.pid)
+        if prior.start_time and live and not procs.same_start(prior.start_time, live):
+            return None  # the pid now belongs to another process
+        if prior.pid == info.pid:
+            return None
+        return prior
+
     def register(self, info):
-        """Store `info`, replacing a prior entry of the same session id; fire the hooks."""
+        """Store `info`, replacing a prior entry of the same session id; fire the hooks.
+
+        The caller decides first whether a live holder of the id may be replaced (holder()).
+        """
         prior_token = self.by_session_id.get(info.session_id)
         if prior_token is not None and prior_token != info.token:
             prior = self.by_token.pop(prior_token, None)

@@ -59,6 +59,8 @@ class Link:
         self.detail = None
         self.retry_at = None
         self.in_flight = 0
+        self.broker_features = frozenset()  # meshd extensions the broker announced
+        self.broker_dm_ttl = None           # seconds the broker keeps an undelivered DM
         self._ws = None
         self._closed = gevent.event.Event()
         self._reconnect_now = gevent.event.Event()
@@ -159,9 +161,10 @@ class Link:
                 raise LinkClosed(1006, 'build_hello_failed')
             ws.send(_encode(hello))
             self._log('info', 'ws_hello_sent', url=self.url)
-            self._await_hello_ack(ws)
+            ack = self._await_hello_ack(ws)
             if self.is_closed:  # closed while the handshake was in flight: never go open
                 raise LinkClosed(1000, 'closed')
+            self._read_extensions(ack)
             self._ws = ws
             ws.settimeout(None)
             self._failures = 0
@@ -188,6 +191,14 @@ class Link:
             except Exception:
                 pass
         return self._after_close(1006, 'closed')
+
+    def _read_extensions(self, ack):
+        """What meshd extensions the broker announced in hello_ack (none: claudemesh)."""
+        ext = ack.get('meshdExt')
+        features = ext.get('features') if isinstance(ext, dict) else None
+        self.broker_features = frozenset(f for f in features or () if isinstance(f, str))
+        ttl = ext.get('dmTtlSeconds') if isinstance(ext, dict) else None
+        self.broker_dm_ttl = ttl if isinstance(ttl, int) and not isinstance(ttl, bool) else None
 
     def _await_hello_ack(self, ws):
         deadline = time.monotonic() + self.timings['link_hello_timeout']
@@ -390,6 +401,9 @@ class Link:
         if kind in ('push', 'inbound'):
             self._pushes.spawn(self._handle_push, frame)
             return
+        if kind == 'meshd_undelivered':
+            self._pushes.spawn(self._handle_notice, frame)
+            return
         if kind == 'error':
             self._log('warning', 'broker_error', code=frame.get('code'),
                       message=frame.get('message'))
@@ -399,6 +413,12 @@ class Link:
             self.on_push(frame)
         except Exception:
             log.exception('push handling failed')
+
+    def _handle_notice(self, frame):
+        try:
+            self.on_undelivered(frame)
+        except Exception:
+            log.exception('undelivered notice handling failed')
 
     # -- hooks for subclasses ----------------------------------------------------------
 
@@ -421,6 +441,9 @@ class Link:
 
     def on_push(self, frame):
         raise NotImplementedError
+
+    def on_undelivered(self, frame):
+        pass  # only member links receive the notices of undelivered DMs
 
     def _set_status(self, status):
         if status != self.status:

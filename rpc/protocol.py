@@ -44,12 +44,20 @@ def invalid_params(message, **extra):
 
 
 def encode(obj):
-    """One compact JSON line, as bytes."""
-    return (json.dumps(obj, separators=(',', ':'), ensure_ascii=False) + '\n').encode('utf-8')
+    """One compact JSON line, as bytes.
+
+    A lone surrogate (JSON allows the escape `\\ud800`; UTF-8 cannot carry it) is written
+    back as that escape, so echoing a client's odd id or method name never fails.
+    """
+    text = json.dumps(obj, separators=(',', ':'), ensure_ascii=False) + '\n'
+    return text.encode('utf-8', 'backslashreplace')
 
 
 def compact_size(obj):
-    """Size in bytes of `obj` as compact UTF-8 JSON (how params limits are measured)."""
+    """Size in bytes of `obj` as compact UTF-8 JSON (how params limits are measured).
+
+    Raises UnicodeEncodeError when a string holds a lone surrogate, which is not text.
+    """
     return len(json.dumps(obj, separators=(',', ':'), ensure_ascii=False).encode('utf-8'))
 
 

@@ -50,7 +50,12 @@ class Method:
 
     def bind(self, ctx, params):
         """Check `params` against the signature and annotations; return the bound call."""
-        if compact_size(params) > self.params_limit:
+        try:
+            size = compact_size(params)
+        except UnicodeEncodeError:
+            # json accepts a lone surrogate escape; no handler, database or peer can store it.
+            raise invalid_params('params must be text: a string holds a lone UTF-16 surrogate')
+        if size > self.params_limit:
             raise RpcError.of(INVALID_REQUEST, 'payload_too_large',
                               'params exceed %d bytes' % self.params_limit)
         for name in params:

@@ -12,6 +12,8 @@ from storage.db import StorageError, create_private_file, writing
 
 log = logging.getLogger(__name__)
 
+AUTO_VACUUM_INCREMENTAL = 2
+
 _INITIAL_SCHEMA = (
     'CREATE TABLE "outbox" ("id" TEXT NOT NULL PRIMARY KEY, '
     '"client_message_id" TEXT NOT NULL, "request_fingerprint" BLOB NOT NULL, '
@@ -70,7 +72,68 @@ def _add_link_queue_index(database):
                          '("status", "mesh", "sender_session_pubkey")')
 
 
-MIGRATIONS = [(1, _create_initial), (2, _add_link_queue_index)]
+_OUTBOX_V3 = (
+    'CREATE TABLE "outbox_v3" ("id" TEXT NOT NULL PRIMARY KEY, '
+    '"client_message_id" TEXT NOT NULL, "request_fingerprint" BLOB NOT NULL, '
+    '"payload" BLOB NOT NULL, "enqueued_at" INTEGER NOT NULL, '
+    '"attempts" INTEGER NOT NULL DEFAULT 0, "next_attempt_at" INTEGER NOT NULL, '
+    '"status" TEXT NOT NULL CHECK (status IN '
+    "('pending','inflight','done','dead','aborted','undelivered')), "
+    '"last_error" TEXT, "delivered_at" INTEGER, "broker_message_id" TEXT, '
+    '"aborted_at" INTEGER, "aborted_by" TEXT, "superseded_by" TEXT, "mesh" TEXT NOT NULL, '
+    '"target_spec" TEXT NOT NULL, "nonce" TEXT NOT NULL, "ciphertext" TEXT NOT NULL, '
+    '"priority" TEXT, "sender_session_pubkey" TEXT, "expires_at" INTEGER NOT NULL)',
+    'INSERT INTO "outbox_v3" SELECT * FROM "outbox"',
+    'DROP TABLE "outbox"',
+    'ALTER TABLE "outbox_v3" RENAME TO "outbox"',
+    'CREATE UNIQUE INDEX "outbox_client_message_id" ON "outbox" ("client_message_id")',
+    'CREATE INDEX "outbox_pending" ON "outbox" ("status", "next_attempt_at")',
+    'CREATE INDEX "outbox_aborted" ON "outbox" ("status", "aborted_at") '
+    "WHERE status = 'aborted'",
+    'CREATE INDEX "outbox_link_queue" ON "outbox" ("status", "mesh", "sender_session_pubkey")',
+)
+
+_INBOX_V3 = (
+    'CREATE TABLE "inbox_v3" ("id" TEXT NOT NULL PRIMARY KEY, '
+    '"client_message_id" TEXT NOT NULL, "broker_message_id" TEXT, "mesh" TEXT NOT NULL, '
+    '"topic" TEXT, "sender_pubkey" TEXT NOT NULL, "sender_name" TEXT NOT NULL, "body" TEXT, '
+    '"meta" TEXT, "received_at" INTEGER NOT NULL, "reply_to_id" TEXT, "seen_at" INTEGER, '
+    '"recipient_pubkey" TEXT NOT NULL, "recipient_kind" TEXT, '
+    '"decrypt_failed" INTEGER NOT NULL DEFAULT 0, "e2e" INTEGER NOT NULL DEFAULT 0)',
+    # A NULL recipient (never written by meshd, kept by the rule of spec/daemon.md §8.5)
+    # becomes '', which in_scope() reads the same way. Rows that would now collide are
+    # exact copies (same mesh, sender, id and recipient), so OR IGNORE loses no message.
+    # Whether an old row was sealed end to end was not recorded: e2e stays 0, so an old
+    # row is never shown as a private message (a forged one could not be told apart).
+    'INSERT OR IGNORE INTO "inbox_v3" ("id", "client_message_id", "broker_message_id", "mesh", '
+    '"topic", "sender_pubkey", "sender_name", "body", "meta", "received_at", "reply_to_id", '
+    '"seen_at", "recipient_pubkey", "recipient_kind", "decrypt_failed") '
+    'SELECT "id", "client_message_id", "broker_message_id", "mesh", "topic", "sender_pubkey", '
+    '"sender_name", "body", "meta", "received_at", "reply_to_id", "seen_at", '
+    'COALESCE("recipient_pubkey", \'\'), "recipient_kind", "decrypt_failed" FROM "inbox" '
+    'ORDER BY rowid',
+    'DROP TABLE "inbox"',
+    'ALTER TABLE "inbox_v3" RENAME TO "inbox"',
+    'CREATE INDEX "inbox_received_at" ON "inbox" ("received_at")',
+    'CREATE INDEX "inbox_topic" ON "inbox" ("topic")',
+    'CREATE INDEX "inbox_sender" ON "inbox" ("sender_pubkey")',
+    'CREATE INDEX "inbox_seen_at" ON "inbox" ("seen_at")',
+    'CREATE INDEX "inbox_recipient" ON "inbox" ("recipient_pubkey")',
+    'CREATE UNIQUE INDEX "inbox_dedupe" ON "inbox" '
+    '("mesh", "sender_pubkey", "client_message_id", "recipient_pubkey")',
+)
+
+
+def _dedupe_inbox_by_sender(database):
+    # The inbox kept one row per (client_message_id, recipient): a member who knew or
+    # guessed another member's id could suppress that member's DM (DESIGN.md 6). The
+    # outbox gains the terminal status `undelivered` (the broker reported the DM lost).
+    # SQLite cannot alter a CHECK or a NOT NULL, so both tables are rebuilt.
+    for statement in _OUTBOX_V3 + _INBOX_V3:
+        database.execute_sql(statement)
+
+
+MIGRATIONS = [(1, _create_initial), (2, _add_link_queue_index), (3, _dedupe_inbox_by_sender)]
 HEAD = MIGRATIONS[-1][0]
 
 
@@ -108,6 +171,22 @@ def _copy_aside(database, path, version):
     return target
 
 
+def enable_incremental_vacuum(database):
+    """Let pruning give pages back to the file system (`PRAGMA incremental_vacuum`).
+
+    The mode can only change before the first table exists or through a VACUUM, which
+    rewrites the file once (outside any transaction, at start-up, after the copy aside).
+    """
+    if database.execute_sql('PRAGMA auto_vacuum').fetchone()[0] == AUTO_VACUUM_INCREMENTAL:
+        return
+    database.execute_sql('PRAGMA auto_vacuum = INCREMENTAL')
+    has_tables = database.execute_sql(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+    if has_tables:
+        database.execute_sql('VACUUM')
+        log.info('database rewritten for incremental vacuum')
+
+
 def migrate(database, path):
     """Bring the database at `path` to HEAD; return (from_version, to_version).
 
@@ -124,6 +203,7 @@ def migrate(database, path):
     if found > 0 or has_tables:
         copy = _copy_aside(database, path, found)
         log.info('database copied aside before migration: %s', copy)
+    enable_incremental_vacuum(database)
     for number, step in MIGRATIONS:
         if number <= found:
             continue

@@ -10,7 +10,8 @@ from playhouse.sqlite_ext import AutoIncrementField
 
 from storage.db import db
 
-OUTBOX_STATUSES = ('pending', 'inflight', 'done', 'dead', 'aborted')
+OUTBOX_STATUSES = ('pending', 'inflight', 'done', 'dead', 'aborted', 'undelivered')
+FINISHED_STATUSES = ('done', 'dead', 'aborted', 'undelivered')
 RETENTION_MS = 30 * 24 * 3600 * 1000
 EVENT_LOG_KEEP = 10000
 
@@ -35,7 +36,9 @@ class Outbox(BaseModel):
     enqueued_at = IntegerField()
     attempts = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
     next_attempt_at = IntegerField()
-    status = TextField(constraints=[SQL("CHECK (status IN ('pending','inflight','done','dead','aborted'))")])
+    status = TextField(constraints=[SQL("CHECK (status IN "
+                                        "('pending','inflight','done','dead','aborted',"
+                                        "'undelivered'))")])
     last_error = TextField(null=True)
     delivered_at = IntegerField(null=True)
     broker_message_id = TextField(null=True)
@@ -69,13 +72,32 @@ class Outbox(BaseModel):
                 .execute())
 
     @classmethod
+    def mark_undelivered(cls, client_message_id, broker_message_id, reason):
+        """The broker gave up on a sent DM: its row becomes `undelivered` (terminal).
+
+        A row the broker had acked (`done`) or that is still in flight; the broker's id,
+        when the row has one, must be the notice's. Returns the number of rows changed.
+        """
+        condition = ((cls.client_message_id == client_message_id)
+                     & cls.status.in_(('done', 'inflight', 'pending')))
+        if broker_message_id:
+            condition &= (cls.broker_message_id.is_null()
+                          | (cls.broker_message_id == broker_message_id))
+        return cls.update(status='undelivered', last_error=reason).where(condition).execute()
+
+    @classmethod
     def prunable(cls, cutoff):
         """Finished rows accepted before `cutoff`."""
-        return cls.status.in_(('done', 'dead', 'aborted')) & (cls.enqueued_at < cutoff)
+        return cls.status.in_(FINISHED_STATUSES) & (cls.enqueued_at < cutoff)
 
 
 class Inbox(BaseModel):
-    """A received message, one row per (client_message_id, recipient) (spec/daemon.md §3.2)."""
+    """A received message, one row per (mesh, sender, client_message_id, recipient).
+
+    The sender is part of the key: with the id alone, one member could suppress another's
+    DM by reusing its id (DESIGN.md 6). `e2e` is 1 only when the body opened with
+    crypto_box from the stated sender; any other row is shown as a broadcast.
+    """
     id = TextField(primary_key=True)
     client_message_id = TextField()
     broker_message_id = TextField(null=True)
@@ -88,9 +110,10 @@ class Inbox(BaseModel):
     received_at = IntegerField()
     reply_to_id = TextField(null=True)
     seen_at = IntegerField(null=True)
-    recipient_pubkey = TextField(null=True)
+    recipient_pubkey = TextField()
     recipient_kind = TextField(null=True)
     decrypt_failed = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    e2e = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
 
     class Meta:
         table_name = 'inbox'
@@ -100,12 +123,13 @@ class Inbox(BaseModel):
         """The condition restricting rows to a session's scope (spec/daemon.md §8.5).
 
         `scope` is None (unscoped: every row) or a pair (session pubkey, member pubkey).
-        This is the one chokepoint for session scoping of inbox queries.
+        This is the one chokepoint for session scoping of inbox queries. A row without a
+        recipient ('', a legacy NULL before migration 3) is visible to every session.
         """
         if scope is None:
             return SQL('1 = 1')
         session_pubkey, member_pubkey = scope
-        return (cls.recipient_pubkey.is_null()
+        return ((cls.recipient_pubkey == '')
                 | (cls.recipient_pubkey == session_pubkey)
                 | (cls.recipient_pubkey == member_pubkey))
 
@@ -181,8 +205,8 @@ Inbox.add_index(Inbox.index(Inbox.topic, name='inbox_topic'))
 Inbox.add_index(Inbox.index(Inbox.sender_pubkey, name='inbox_sender'))
 Inbox.add_index(Inbox.index(Inbox.seen_at, name='inbox_seen_at'))
 Inbox.add_index(Inbox.index(Inbox.recipient_pubkey, name='inbox_recipient'))
-Inbox.add_index(Inbox.index(Inbox.client_message_id, Inbox.recipient_pubkey, unique=True,
-                            name='inbox_dedupe'))
+Inbox.add_index(Inbox.index(Inbox.mesh, Inbox.sender_pubkey, Inbox.client_message_id,
+                            Inbox.recipient_pubkey, unique=True, name='inbox_dedupe'))
 Session.add_index(Session.index(Session.session_id, name='sessions_session_id'))
 Event.add_index(Event.index(Event.recipient_pubkey, name='events_recipient'))
 

@@ -87,7 +87,8 @@ class LinksTestCase(MeshdTestCase):
         self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait()))
         return proc
 
-    def session(self, daemon, entry, name, session_id=None, pid=None, wait_open=True):
+    def session(self, daemon, entry, name, session_id=None, pid=None, wait_open=True,
+                replace=False):
         """Register a session with presence; return (token, session pubkey)."""
         pub, sec = crypto.generate_keypair()
         wire = crypto.make_attestation(entry['pubkey'], entry['secretKey'], pub,
@@ -99,7 +100,8 @@ class LinksTestCase(MeshdTestCase):
             'presence': {'session_pubkey': pub, 'session_secret_key': sec,
                          'parent_attestation': {
                              'session_pubkey': pub, 'parent_member_pubkey': entry['pubkey'],
-                             'expires_at': wire['expiresAt'], 'signature': wire['signature']}}})
+                             'expires_at': wire['expiresAt'], 'signature': wire['signature']}},
+            'replace': replace})
         if wait_open:
             wait_for(lambda: daemon.call('daemon.health')['sessions'].get(token[:8], {}).get(
                 'status') == 'open', what='session link of %s' % name)

@@ -372,7 +372,8 @@ class LinkStateTest(LinksTestCase):
         da, db = self.daemon([alice]), self.daemon([bob])
         session_id = '11111111-2222-4333-8444-555555555555'
         self.session(db, bob, 'relaunched', session_id=session_id)
-        self.session(db, bob, 'relaunched', session_id=session_id)  # relaunch: new token
+        # A relaunch (launch --resume) while the old process still runs: a new token.
+        self.session(db, bob, 'relaunched', session_id=session_id, replace=True)
         wait_for(lambda: len(db.call('daemon.health')['sessions']) == 1, what='one link')
         peers = wait_for(lambda: (lambda p: p if len(p) == 1 else None)(
             [p for p in da.call('peers.list')['peers'] if p['displayName'] == 'relaunched']),

@@ -31,7 +31,7 @@ class MailboxTestCase(MeshdTestCase):
                 'body, received_at, seen_at, recipient_pubkey, recipient_kind) '
                 'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
                 (row_id, str(uuid.uuid4()), mesh, 'ab' * 32, 'peer', body,
-                 received_at or now_ms(), seen_at, recipient, kind if recipient else None))
+                 received_at or now_ms(), seen_at, recipient or '', kind if recipient else None))
         return row_id
 
     def add_outbox(self, status='pending', enqueued_at=None):

@@ -329,6 +329,25 @@ class FramingTest(RpcTestCase):
         self.assertError(self.call_on(conn, 3, 'inbox.list', {'limit': True}), 3,
                          INVALID_PARAMS, 'invalid_params')
 
+    def test_lone_surrogates_are_invalid_params_never_internal(self):
+        """Finding 10: a lone surrogate escape in any string parameter answered -32603 and
+        logged a traceback (604 of 100,000 fuzzed lines)."""
+        conn = self.connect()
+        for request_id, (method, params) in enumerate((
+                ('inbox.list', {'topic': '\ud800'}),
+                ('send', {'to': 'bob', 'message': 'hi \udfff'}),
+                ('send', {'to': '*', 'message': 'x', 'meta': {'k': ['\udc00']}}),
+                ('sessions.register', {'token': 'ab' * 32, 'session_id': '\ud83d',
+                                       'mesh': 'm', 'display_name': 'x', 'pid': 1})), 1):
+            self.assertError(self.call_on(conn, request_id, method, params), request_id,
+                             INVALID_PARAMS, 'invalid_params')
+        # A surrogate in a method name or an id is echoed back as the same JSON escape.
+        conn.send(b'{"jsonrpc":"2.0","id":"\\ud800","method":"no.such\\udc01"}\n')
+        answer = conn.read_json()
+        self.assertEqual((answer['id'], answer['error']['data']['code']),
+                         ('\ud800', 'method_not_found'))
+        self.assertNotIn('Traceback', self.daemon.stderr())
+
     def test_missing_required_parameter_is_invalid_params(self):
         conn = self.connect()
         self.assertError(self.call_on(conn, 1, 'auth', {}), 1,

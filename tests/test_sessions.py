@@ -120,6 +120,38 @@ class RegistryTest(SessionsTestCase):
         self.assertEqual(answer['error']['data'], {'code': 'session_not_found',
                                                    'token_prefix': token[:8]})
 
+    def test_a_session_id_held_by_another_live_process_is_refused_unless_replace(self):
+        """Finding 9: registering the same session id again silently evicted the first
+        session: its token stopped working and its key file was overwritten."""
+        daemon = self.start_daemon()
+        first, params, _ = self.register(daemon, self.live_process().pid)
+        key_file = Paths(self.home).session_keypair('alpha', params['session_id'])
+        with open(key_file) as handle:
+            kept_key = handle.read()
+        other_pid = self.live_process().pid
+        second = secrets.token_hex(32)
+        with daemon.client() as client:
+            answer = client.request('sessions.register', dict(
+                params, token=second, pid=other_pid, presence=presence_for(self.mesh)))
+        self.assertEqual(answer['error']['data']['code'], 'session_exists', answer)
+        self.assertEqual(answer['error']['data']['pid'], params['pid'])
+        with open(key_file) as handle:
+            self.assertEqual(handle.read(), kept_key)
+        self.assertEqual([s['token_prefix'] for s in daemon.call('sessions.list')['sessions']],
+                         [first[:8]])
+        daemon.call('sessions.register', dict(params, token=second, pid=other_pid,
+                                              replace=True))
+        self.assertEqual([s['token_prefix'] for s in daemon.call('sessions.list')['sessions']],
+                         [second[:8]])
+
+    def test_launch_resume_takes_over_a_session_a_live_process_holds(self):
+        daemon = self.start_daemon()
+        first, params, _ = self.register(daemon, self.live_process().pid)
+        done = self.run_cli('launch', '--resume', params['session_id'], '--', 'true')
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn(first[:8], [s['token_prefix']
+                                     for s in daemon.call('sessions.list')['sessions']])
+
     def test_same_session_id_registered_again_replaces_the_old_token(self):
         daemon = self.start_daemon()
         pid = self.live_process().pid

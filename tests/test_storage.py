@@ -73,7 +73,7 @@ def outbox_row(**fields):
 def inbox_row(**fields):
     row = {'id': str(uuid.uuid4()), 'client_message_id': str(uuid.uuid4()), 'mesh': 'm',
            'sender_pubkey': 'ab' * 32, 'sender_name': 'peer', 'body': 'hi',
-           'received_at': now_ms(), 'recipient_pubkey': None, 'recipient_kind': None}
+           'received_at': now_ms(), 'recipient_pubkey': '', 'recipient_kind': None}
     row.update(fields)
     return row
 
@@ -121,7 +121,8 @@ class MigrationTest(StorageTestCase):
         self.assertEqual(outbox['outbox_aborted']['partial'], 1)
         self.assertEqual(inbox['inbox_dedupe'],
                          {'unique': 1, 'origin': 'c', 'partial': 0,
-                          'columns': ['client_message_id', 'recipient_pubkey']})
+                          'columns': ['mesh', 'sender_pubkey', 'client_message_id',
+                                      'recipient_pubkey']})
 
     def test_migrate_sets_head_and_a_second_migrate_is_a_noop(self):
         path = self.path()
@@ -202,6 +203,40 @@ class MigrationTest(StorageTestCase):
                          ['status', 'mesh', 'sender_session_pubkey'])
         self.assertEqual([row.id for row in Outbox.select()], ['kept'])
         self.assertEqual(user_version(migrations.backup_path(path, 1)), 1)
+
+    def test_a_version_2_database_is_rebuilt_for_dedupe_by_sender_without_losing_rows(self):
+        """Migration 3: the inbox key gains mesh and sender, recipients become NOT NULL, the
+        outbox accepts `undelivered`; every row of both tables survives."""
+        path = self.path()
+        database = self.open(path)
+        with storage_db.writing():
+            for number, step in migrations.MIGRATIONS[:2]:
+                step(database)
+            database.execute_sql('PRAGMA user_version = 2')
+        columns = ('id', 'client_message_id', 'mesh', 'sender_pubkey', 'sender_name', 'body',
+                   'received_at', 'recipient_pubkey')
+        old_rows = [('one', 'cm-1', 'm', 'ab' * 32, 'peer', 'first', 1, 'aa' * 32),
+                    ('two', 'cm-1', 'm', 'ab' * 32, 'peer', 'second', 2, 'bb' * 32),
+                    ('legacy', 'cm-2', 'm', 'ab' * 32, 'peer', 'third', 3, None)]
+        for row in old_rows:
+            database.execute_sql('INSERT INTO inbox (%s) VALUES (%s)'
+                                 % (', '.join(columns), ', '.join('?' * len(columns))), row)
+        Outbox.insert(**outbox_row(id='queued')).execute()
+        self.assertEqual(migrations.migrate(database, path), (2, migrations.HEAD))
+        rows = {row.id: row for row in Inbox.select()}
+        self.assertEqual(sorted(rows), ['legacy', 'one', 'two'])
+        self.assertEqual((rows['one'].body, rows['two'].body, rows['legacy'].recipient_pubkey),
+                         ('first', 'second', ''))
+        self.assertEqual({row.e2e for row in rows.values()}, {0})
+        self.assertEqual([row.id for row in Outbox.select()], ['queued'])
+        Outbox.update(status='undelivered').where(Outbox.id == 'queued').execute()
+        with storage_db.writing():  # a second sender's row with the same id now fits
+            Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32,
+                                     sender_pubkey='cd' * 32))
+        self.assertEqual(Inbox.select().where(Inbox.client_message_id == 'cm-1').count(), 3)
+        self.assertEqual(database.execute_sql('PRAGMA auto_vacuum').fetchone()[0],
+                         migrations.AUTO_VACUUM_INCREMENTAL)
+
 
 class DaemonSchemaTest(StorageTestCase):
 
@@ -346,7 +381,7 @@ class ModelTest(StorageTestCase):
 
     def test_inbox_in_scope_returns_unscoped_own_session_and_own_member_rows(self):
         session, member = '5e' * 32, '3b' * 32
-        recipients = {'legacy': None, 'mine': session, 'member': member,
+        recipients = {'legacy': '', 'mine': session, 'member': member,
                       'sibling': '7c' * 32, 'other-member': '9d' * 32}
         with storage_db.writing():
             for row_id, recipient in recipients.items():
@@ -356,7 +391,8 @@ class ModelTest(StorageTestCase):
         everything = sorted(row.id for row in Inbox.select().where(Inbox.in_scope(None)))
         self.assertEqual(everything, sorted(recipients))
 
-    def test_inbox_dedupe_index_is_per_recipient(self):
+    def test_inbox_dedupe_index_is_per_sender_and_recipient(self):
+        """The id alone was the key: a second sender's DM with the same id was dropped."""
         with storage_db.writing():
             Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32))
         with self.assertRaises(IntegrityError):
@@ -364,7 +400,11 @@ class ModelTest(StorageTestCase):
                 Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32))
         with storage_db.writing():
             Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='bb' * 32))
-        self.assertEqual(Inbox.select().where(Inbox.client_message_id == 'cm-1').count(), 2)
+            Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32,
+                                     sender_pubkey='cd' * 32))
+            Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32,
+                                     mesh='other'))
+        self.assertEqual(Inbox.select().where(Inbox.client_message_id == 'cm-1').count(), 4)
 
 
 class PrunerTest(StorageTestCase):

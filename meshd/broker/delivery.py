@@ -16,11 +16,15 @@ import gevent
 import gevent.pool
 
 from meshd.broker import protocol, store
-from meshd.broker.presence import group_targets
+from meshd.broker.presence import ROLE_MEMBER, group_targets
 
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 100
+NOTICE_BATCH = 500
+UNDELIVERED_EXPIRED = 'expired'
+UNDELIVERED_REMOVED = 'recipient_removed'
+EXT_UNDELIVERED = 'undelivered'
 LOWER_HEX64 = re.compile(r'^[0-9a-f]{64}$')
 MULTICAST_ALL = ('*', '@all')
 
@@ -57,6 +61,7 @@ class Delivery(object):
         self.hook_fresh = hook_fresh
         self.on_dead = on_dead
         self.workers = gevent.pool.Group()
+        self._last_created = None
 
     # ------------------------------------------------------------------ send
 
@@ -95,7 +100,7 @@ class Delivery(object):
         cmid = frame.get('client_message_id') if isinstance(frame.get('client_message_id'), str) else None
         fingerprint = frame.get('request_fingerprint')
         fingerprint = fingerprint if isinstance(fingerprint, str) else None
-        now = protocol.utcnow()
+        now = self._created_at()
         if cmid is not None:
             existing = self._find_duplicate(entry, cmid, fingerprint, now)
             if existing is not None:
@@ -127,6 +132,15 @@ class Delivery(object):
             else:
                 self._fan_out_dm(entry, target, candidates)
         acks.add(msg_id, store.writer.write_async(self._store_send, entry, row), fan_out)
+
+    def _created_at(self):
+        """Now, but strictly later than the last send's: drains read in created_at order,
+        and sends accepted in one millisecond had only their random ids to order them."""
+        now = protocol.utcnow()
+        if self._last_created is not None and now <= self._last_created:
+            now = self._last_created + datetime.timedelta(microseconds=1)
+        self._last_created = now
+        return now
 
     def _store_send(self, entry, row):
         """In the writer: the id of an earlier row for the same send, else insert `row`."""
@@ -279,7 +293,8 @@ class Delivery(object):
         if not unclaimed_only:
             claimable = claimable | (MQ.claim_expires_at < now)
         where = ((MQ.mesh_id == entry.mesh_id) & MQ.delivered_at.is_null() & claimable
-                 & (MQ.expires_at > now) & MQ.target_spec.in_(sorted(targets))
+                 & (MQ.expires_at > now) & MQ.undelivered_at.is_null()
+                 & MQ.target_spec.in_(sorted(targets))
                  & MQ.priority.in_(list(self._allowed_priorities(entry, now))))
         return store.writer.write(self._claim_rows, where, entry.presence_id, now)
 
@@ -315,19 +330,22 @@ class Delivery(object):
         bmid = bmid if isinstance(bmid, str) and bmid else None
         if cmid is None and bmid is None:
             return
-        matches, params = [], [protocol.utcnow(), entry.mesh_id]
+        # The broker's id names exactly one row. A client_message_id is chosen by each
+        # sender, so two senders may use the same one: matching it too (the reference's
+        # `id = ? OR client_message_id = ?`) let an ack of one sender's DM mark another
+        # sender's DM delivered, unread. Without a broker id, only a row this presence
+        # holds the claim of (one that was pushed to it) can be acked by its client id.
         if bmid is not None:
-            matches.append('id = ?')
-            params.append(bmid)
-        if cmid is not None:
-            matches.append('client_message_id = ?')
-            params.append(cmid)
+            match, params = 'id = ?', [protocol.utcnow(), entry.mesh_id, bmid]
+        else:
+            match = 'client_message_id = ? AND claim_id = ?'
+            params = [protocol.utcnow(), entry.mesh_id, cmid, entry.presence_id]
         own = sorted(entry.keys() | {'*'})
         params.extend(own)
         sql = ('UPDATE message_queue SET delivered_at = ?, claimed_at = NULL, claim_id = NULL, '
-               'claim_expires_at = NULL WHERE mesh_id = ? AND delivered_at IS NULL AND (%s) '
+               'claim_expires_at = NULL WHERE mesh_id = ? AND delivered_at IS NULL AND %s '
                "AND (target_spec IN (%s) OR target_spec LIKE '@%%' OR target_spec LIKE '#%%')"
-               % (' OR '.join(matches), ', '.join('?' * len(own))))
+               % (match, ', '.join('?' * len(own))))
         # Nobody waits for this commit: the ack has no reply, and a lost one only means the
         # row is pushed again after its lease (the client deduplicates).
         store.writer.submit(store.execute, sql, params)
@@ -370,13 +388,84 @@ class Delivery(object):
             return (MQ.update(claimed_at=None, claim_id=None, claim_expires_at=None)
                     .where(where).execute())
 
+    # ------------------------------------------------------------------ undelivered DMs
+
+    def mark_undelivered(self, now=None):
+        """Sweeper: DMs that can no longer be delivered become undelivered, with a reason.
+
+        A DM past its TTL that is not claimed (a push in flight may still be acked), and a
+        DM to the member key of a member who was removed. Their senders' daemons are told
+        through the meshd extension `undelivered` (notify_undelivered); the rows stay until
+        then, or for one more TTL. Returns {reason: count}.
+        """
+        now = now or protocol.utcnow()
+        pending = ('delivered_at IS NULL AND undelivered_at IS NULL')
+        with store.writing():
+            expired = store.execute(
+                'UPDATE message_queue SET undelivered_at = ?, undelivered_reason = ? WHERE %s '
+                'AND expires_at <= ? AND (claim_id IS NULL OR claim_expires_at < ?)' % pending,
+                (now, UNDELIVERED_EXPIRED, now, now)).rowcount
+            removed = store.execute(
+                'UPDATE message_queue SET undelivered_at = ?, undelivered_reason = ? WHERE %s '
+                'AND target_spec IN (SELECT m.peer_pubkey FROM member m WHERE '
+                'm.mesh_id = message_queue.mesh_id AND m.revoked_at IS NOT NULL) '
+                'AND target_spec NOT IN (SELECT m.peer_pubkey FROM member m WHERE '
+                'm.mesh_id = message_queue.mesh_id AND m.revoked_at IS NULL)' % pending,
+                (now, UNDELIVERED_REMOVED)).rowcount
+        counts = {UNDELIVERED_EXPIRED: expired, UNDELIVERED_REMOVED: removed}
+        if expired or removed:
+            log.info('undelivered DMs: %d expired, %d to removed members', expired, removed)
+        return counts
+
+    def notify_undelivered(self, entry, limit=NOTICE_BATCH):
+        """Send a sender's member link the notices of its undelivered DMs not yet acked.
+
+        Only to a daemon that announced the extension; each notice goes once per
+        connection, and again on the next one until the daemon acks it.
+        """
+        if entry.role != ROLE_MEMBER or EXT_UNDELIVERED not in entry.ext or not entry.is_live:
+            return 0
+        rows = store.execute(
+            'SELECT id, client_message_id, target_spec, undelivered_reason, created_at, '
+            'undelivered_at FROM message_queue WHERE mesh_id = ? AND sender_member_id = ? '
+            'AND undelivered_at IS NOT NULL AND sender_notified_at IS NULL '
+            'ORDER BY undelivered_at, id LIMIT ?',
+            (entry.mesh_id, entry.member_id, limit)).fetchall()
+        sent = 0
+        for row_id, cmid, target, reason, created_at, undelivered_at in rows:
+            if row_id in entry.notices_sent:
+                continue
+            frame = protocol.undelivered_notice(row_id, cmid, target, reason,
+                                                _datetime(created_at), _datetime(undelivered_at),
+                                                self.dm_ttl)
+            if not entry.send(frame):
+                self.on_dead(entry)
+                break
+            entry.notices_sent.add(row_id)
+            sent += 1
+        return sent
+
+    def undelivered_ack(self, entry, frame):
+        """`meshd_undelivered_ack {messageId}`: the sender's daemon recorded the notice."""
+        row_id = frame.get('messageId')
+        if not isinstance(row_id, str) or not row_id:
+            return
+        store.writer.submit(store.execute,
+                            'UPDATE message_queue SET sender_notified_at = ? WHERE id = ? '
+                            'AND sender_member_id = ? AND undelivered_at IS NOT NULL',
+                            (protocol.utcnow(), row_id, entry.member_id))
+
     def expire(self, now=None):
-        """Hourly TTL sweep: drop expired undelivered rows and delivered rows older than the TTL."""
+        """Hourly TTL sweep: drop delivered rows older than the TTL, undelivered rows once
+        their sender was told (or one more TTL later), and old disconnected presences."""
         now = now or protocol.utcnow()
         MQ = store.MessageQueue
         cutoff = now - datetime.timedelta(seconds=self.dm_ttl)
+        self.mark_undelivered(now)
         with store.writing():
-            expired = MQ.delete().where(MQ.delivered_at.is_null() & (MQ.expires_at <= now)).execute()
+            expired = MQ.delete().where(MQ.undelivered_at.is_null(False)
+                                        & (MQ.sender_notified_at.is_null(False)
+                                           | (MQ.undelivered_at < cutoff))).execute()
             delivered = MQ.delete().where(MQ.delivered_at.is_null(False)
                                           & (MQ.delivered_at < cutoff)).execute()
             P = store.Presence
@@ -428,6 +517,13 @@ class AckPipeline(object):
                 then(stored)
             except Exception:
                 log.exception('fan-out of %s failed', stored[0])
+
+
+def _datetime(value):
+    """A timestamp read with raw SQL: a datetime on PostgreSQL, text on SQLite."""
+    if isinstance(value, datetime.datetime) or value is None:
+        return value
+    return datetime.datetime.fromisoformat(str(value))
 
 
 def _log_crash(greenlet):

@@ -10,6 +10,14 @@ from meshd import crypto
 from meshd.broker import protocol, store
 
 LOWER_HEX64 = re.compile(r'^[0-9a-f]{64}$')
+MAX_PID = 2 ** 31 - 1
+MAX_SESSION_ID = 256
+MAX_ID = 64
+MAX_NAME = 256
+MAX_PATH = 4096
+MAX_GROUPS = 64
+REPLAY_CACHE_LIMIT = 200000
+_OPTIONAL_TEXT = ('displayName', 'hostname', 'peerType', 'channel', 'model', 'role')
 
 Rejection = collections.namedtuple('Rejection', 'code message close_code reason')
 
@@ -49,13 +57,78 @@ def check_attestation_binding(frame):
     return None
 
 
+def _text(value, limit, required=False):
+    if value is None:
+        return not required
+    return isinstance(value, str) and (len(value) > 0 or not required) and len(value) <= limit
+
+
+def _groups_ok(value):
+    if value is None:
+        return True
+    if not isinstance(value, list) or len(value) > MAX_GROUPS:
+        return False
+    return all(isinstance(g, dict) and _text(g.get('name'), MAX_NAME, required=True)
+               and _text(g.get('role'), MAX_NAME) for g in value)
+
+
 def check_required(frame, kind):
-    """meshd addition (§3.1): sessionId, pid and cwd must be present, else 1008 `malformed`."""
-    session_id, pid, cwd = frame.get('sessionId'), frame.get('pid'), frame.get('cwd')
-    if (not isinstance(session_id, str) or not session_id
-            or not isinstance(pid, int) or isinstance(pid, bool) or not isinstance(cwd, str)
-            or not isinstance(frame.get('meshId'), str)):
+    """meshd addition (§3.1): every hello field has its type and a sane size, else 1008
+    `malformed`. The signed fields are checked by the signature; these are not signed, and
+    a pid of -1 or 10^30 or an object as a hostname would otherwise be stored and listed
+    to every peer."""
+    pid = frame.get('pid')
+    fields_ok = (
+        _text(frame.get('sessionId'), MAX_SESSION_ID, required=True)
+        and isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid <= MAX_PID
+        and _text(frame.get('cwd'), MAX_PATH) and frame.get('cwd') is not None
+        and _text(frame.get('meshId'), MAX_ID, required=True)
+        and all(_text(frame.get(name), MAX_NAME) for name in _OPTIONAL_TEXT)
+        and _groups_ok(frame.get('groups'))
+        and (frame.get('meshdExt') is None or isinstance(frame.get('meshdExt'), dict)))
+    if kind == 'hello':
+        fields_ok = fields_ok and _text(frame.get('memberId'), MAX_ID)
+    else:
+        fields_ok = fields_ok and _text(frame.get('parentMemberId'), MAX_ID)
+    if not fields_ok:
         return reject('malformed', _prefix(kind) + 'malformed')
+    return None
+
+
+class ReplayCache(object):
+    """Signatures of the hellos accepted within the timestamp window.
+
+    A hello is signed over its timestamp only, so a captured one is valid for the whole
+    skew window; remembering each accepted signature until its timestamp leaves the
+    window refuses a replay. Ed25519 signatures are deterministic, so a client's own
+    fresh hello (a new timestamp) never collides with its previous one.
+    """
+
+    def __init__(self, limit=REPLAY_CACHE_LIMIT):
+        self.limit = limit
+        self._expiry = {}
+        self._order = collections.deque()
+
+    def seen(self, signature, expires_ms, now_ms):
+        """True when `signature` was recorded and has not expired; record it otherwise."""
+        while self._order and (self._order[0][0] <= now_ms or len(self._order) >= self.limit):
+            expiry, old = self._order.popleft()
+            if self._expiry.get(old) == expiry:
+                del self._expiry[old]
+        if self._expiry.get(signature, 0) > now_ms:
+            return True
+        self._expiry[signature] = expires_ms
+        self._order.append((expires_ms, signature))
+        return False
+
+    def __len__(self):
+        return len(self._expiry)
+
+
+def check_replay(frame, cache, now_ms, skew_ms):
+    """A hello whose signature was already accepted within its window is a replay."""
+    if cache.seen(frame.get('signature'), frame['timestamp'] + skew_ms, now_ms):
+        return reject('replayed', _prefix(frame.get('type')) + 'replayed')
     return None
 
 

@@ -28,6 +28,15 @@ def normalise_groups(value):
     return groups
 
 
+def extensions(hello):
+    """The meshd extensions a hello announced (`meshdExt.features`), as a frozenset."""
+    ext = hello.get('meshdExt')
+    features = ext.get('features') if isinstance(ext, dict) else None
+    if not isinstance(features, list):
+        return frozenset()
+    return frozenset(f for f in features if isinstance(f, str))
+
+
 def group_targets(groups):
     """`@` targets an entry matches: each group and each of its ancestor paths (a/b/c → @a/b, @a)."""
     targets = set()
@@ -76,6 +85,8 @@ class Entry(object):
         self.ready = False
         self.drain_requested = False    # see Delivery.request_drain
         self.drainer = None
+        self.ext = extensions(hello)    # meshd extensions the client announced
+        self.notices_sent = set()       # undelivered notices written on this socket
 
     @property
     def pubkey(self):
@@ -94,6 +105,7 @@ class Entry(object):
     def attach(self, ws):
         """Bind a socket and go online; returns the new generation."""
         self.ws = ws
+        self.notices_sent = set()
         self.lease = ONLINE
         self.ready = False      # until hello_ack is written on this socket
         self.offline_since = None

@@ -83,7 +83,21 @@ def decode(data):
         raise BadFrame('frame is not a JSON object')
     if not isinstance(obj, dict):
         raise BadFrame('frame is not a JSON object')
+    # JSON may escape a lone UTF-16 surrogate, which is not text: no column or frame can
+    # carry it. Only a `\ud8..\udf` escape can make one, so most frames skip the walk.
+    if '\\u' in data and _has_surrogate(obj):
+        raise BadFrame('frame is not valid text (lone surrogate)')
     return obj
+
+
+def _has_surrogate(value):
+    if isinstance(value, str):
+        return any('\ud800' <= c <= '\udfff' for c in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
 
 
 def iso(dt):
@@ -165,3 +179,13 @@ def system_push(event, event_data, mesh_id, priority='low'):
         'messageId': str(uuid.uuid4()), 'meshId': mesh_id, 'senderPubkey': 'system',
         'priority': priority, 'nonce': '', 'ciphertext': '', 'createdAt': iso(utcnow()),
     }
+
+
+def undelivered_notice(message_id, client_message_id, target_spec, reason, created_at,
+                       undelivered_at, dm_ttl):
+    """meshd extension `undelivered` (docs/wire-extensions.md): a DM of the recipient's
+    sender that the broker gave up on. Sent only to a member link that announced it."""
+    return {'type': 'meshd_undelivered', 'messageId': message_id,
+            'clientMessageId': client_message_id, 'targetSpec': target_spec, 'reason': reason,
+            'createdAt': iso(created_at), 'undeliveredAt': iso(undelivered_at),
+            'dmTtlSeconds': int(dm_ttl)}

@@ -26,7 +26,7 @@ from meshd.broker import handshake, protocol, store
 from meshd.broker.data import DataVerbs
 from meshd.broker.http import HttpRoutes
 from meshd.broker.presence import (OFFLINE, ROLE_MEMBER, ROLE_SESSION, Entry, Registry,
-                                   normalise_groups)
+                                   extensions, normalise_groups)
 from meshd.broker.ratelimit import RateLimiter, parse_spec
 from meshd.broker.wsock import BrokerHandler, FrameTooLarge, StreamEnded
 from meshd.exceptions import ConfigError
@@ -40,6 +40,9 @@ DEFAULT_MAX_FRAME_BYTES = 1048576
 DEFAULT_MAX_CONNECTIONS_PER_MESH = 100
 DEFAULT_MAX_CONNECTIONS = 1024
 WS_PATH = '/ws'
+EXT_VERSION = 1
+# meshd extensions this broker speaks (docs/wire-extensions.md), announced in hello_ack.
+BROKER_EXTENSIONS = (delivery_mod.EXT_UNDELIVERED,)
 HOOK_RATE_LIMIT_PER_MIN = 30
 PENDING_STATUS_SECONDS = 10
 STOP_TIMEOUT = 3.0
@@ -121,6 +124,7 @@ class BrokerServer(object):
         self.limiter = RateLimiter(parse_spec(rate_limit))
         self.hook_limiter = RateLimiter((HOOK_RATE_LIMIT_PER_MIN, HOOK_RATE_LIMIT_PER_MIN))
         self.registry = Registry()
+        self.replay_cache = handshake.ReplayCache()
         self.delivery = delivery_mod.Delivery(
             self.registry, self.limiter, self.max_message_bytes, self.dm_ttl,
             self.t['broker_lease'], self.t['broker_hook_fresh'], self._on_dead)
@@ -141,6 +145,7 @@ class BrokerServer(object):
         self._instance_lock = None
         self._verbs = {
             'client_ack': self.delivery.client_ack,
+            'meshd_undelivered_ack': self.delivery.undelivered_ack,
             'list_peers': self._verb_list_peers, 'set_status': self._verb_set_status,
             'set_summary': self._verb_set_summary, 'set_visible': self._verb_set_visible,
             'set_profile': self._verb_set_profile, 'set_stats': self._verb_set_stats,
@@ -424,7 +429,8 @@ class BrokerServer(object):
         if kind == 'hello':
             pre = [lambda: handshake.check_session_pubkey(frame, required=False),
                    lambda: handshake.check_required(frame, kind)]
-            post = [lambda: handshake.check_hello_signature(frame, kind, now_ms, skew_ms)]
+            post = [lambda: handshake.check_hello_signature(frame, kind, now_ms, skew_ms),
+                    lambda: handshake.check_replay(frame, self.replay_cache, now_ms, skew_ms)]
         else:
             att_max_ms = self.t['broker_attest_max'] * 1000
             pre = [lambda: handshake.check_session_pubkey(frame, required=True),
@@ -432,7 +438,8 @@ class BrokerServer(object):
                    lambda: handshake.check_attestation_binding(frame),
                    lambda: handshake.check_required(frame, kind)]
             post = [lambda: handshake.check_attestation(frame['parentAttestation'], now_ms, att_max_ms),
-                    lambda: handshake.check_hello_signature(frame, kind, now_ms, skew_ms)]
+                    lambda: handshake.check_hello_signature(frame, kind, now_ms, skew_ms),
+                    lambda: handshake.check_replay(frame, self.replay_cache, now_ms, skew_ms)]
         return pre, post
 
     def _find_reattach(self, frame, kind, member_pubkey):
@@ -556,6 +563,7 @@ class BrokerServer(object):
                 entry.detach()
                 self.delivery.release(entry)
             entry.cwd = frame['cwd']
+            entry.ext = extensions(frame)
             if display_name:
                 entry.display_name = display_name
             entry.attach(ws)
@@ -592,6 +600,7 @@ class BrokerServer(object):
             same_member_too = kind == 'session_hello'
             self._broadcast_event(entry, event, data, include_same_member=same_member_too)
         self.delivery.drain(entry)
+        self.delivery.notify_undelivered(entry)
 
     def _drop_unacked(self, conn, entry, is_new):
         """Unbind an entry whose hello_ack was never written: a new one is removed, a
@@ -623,6 +632,10 @@ class BrokerServer(object):
             ack['restoredStats'] = {k: stats.get(k, 0) for k in _STATS_KEYS}
         if kind == 'hello':
             ack['services'] = []
+        if isinstance(frame.get('meshdExt'), dict):
+            # Only to a client that announced meshd extensions (a claudemesh one never sees it).
+            ack['meshdExt'] = {'v': EXT_VERSION, 'features': list(BROKER_EXTENSIONS),
+                               'dmTtlSeconds': int(self.dm_ttl)}
         return ack
 
     # ------------------------------------------------------------------ presence lifecycle
@@ -749,6 +762,7 @@ class BrokerServer(object):
     def _sweep_step(self):
         now = protocol.utcnow()
         self.delivery.release_orphans()
+        self.delivery.mark_undelivered(now)
         entries = self.registry.all()
         member_ids = sorted({e.member_id for e in entries})
         if member_ids:
@@ -779,6 +793,7 @@ class BrokerServer(object):
                 entry.status, entry.status_source = 'idle', 'jsonl'
         for entry in self.registry.live():
             self.delivery.drain(entry, unclaimed_only=True)
+            self.delivery.notify_undelivered(entry)
 
     def _ttl_step(self):
         expired, delivered = self.delivery.expire()

@@ -178,14 +178,21 @@ class MessageQueue(BaseModel):
     claimed_at = peewee.DateTimeField(null=True)
     claim_id = peewee.CharField(max_length=40, null=True)
     claim_expires_at = peewee.DateTimeField(null=True)
+    # Schema 3: a DM that can no longer be delivered (expired, recipient removed) and
+    # whether its sender's daemon has been told (meshd extension `undelivered`).
+    undelivered_at = peewee.DateTimeField(null=True)
+    undelivered_reason = peewee.TextField(null=True)
+    sender_notified_at = peewee.DateTimeField(null=True)
 
     class Meta:
         table_name = 'message_queue'
         # The drain reads (mesh, undelivered, target) in created order; idempotency reads by
-        # client_message_id; release by claim_id; the TTL sweep by expires_at.
+        # client_message_id; release by claim_id; the TTL sweep by expires_at; the notices
+        # of undelivered DMs by sender.
         indexes = ((('mesh_id', 'delivered_at', 'target_spec'), False),
                    (('client_message_id',), False), (('claim_id',), False),
-                   (('expires_at',), False), (('delivered_at',), False))
+                   (('expires_at',), False), (('delivered_at',), False),
+                   (('sender_member_id', 'undelivered_at'), False))
 
 
 class PeerState(BaseModel):
@@ -287,7 +294,25 @@ def _create_daemon_data(db):
     db.create_tables(MODELS_V2, safe=True)
 
 
-MIGRATIONS = [(1, _create_initial), (2, _create_daemon_data)]
+_UNDELIVERED_COLUMNS = (('undelivered_at', 'DATETIME', 'TIMESTAMP'),
+                        ('undelivered_reason', 'TEXT', 'TEXT'),
+                        ('sender_notified_at', 'DATETIME', 'TIMESTAMP'))
+
+
+def _add_undelivered(db):
+    # Version 3: DMs the broker gives up on are kept, with a reason, until their sender's
+    # daemon was told. Version 1 creates its tables from the live models, so on a fresh
+    # database the columns may exist already.
+    present = {column.name for column in db.get_columns('message_queue')}
+    for name, sqlite_type, pg_type in _UNDELIVERED_COLUMNS:
+        if name not in present:
+            db.execute_sql('ALTER TABLE message_queue ADD COLUMN %s %s'
+                           % (name, pg_type if _is_postgres(db) else sqlite_type))
+    db.execute_sql('CREATE INDEX IF NOT EXISTS message_queue_sender_member_id_undelivered_at '
+                   'ON message_queue (sender_member_id, undelivered_at)')
+
+
+MIGRATIONS = [(1, _create_initial), (2, _create_daemon_data), (3, _add_undelivered)]
 HEAD = MIGRATIONS[-1][0]
 
 

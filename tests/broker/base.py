@@ -58,8 +58,18 @@ class Identity(object):
         return crypto.generate_keypair()
 
 
+_last_ts = [0]
+
+
+def fresh_ts():
+    """Now in ms, never the same twice: the broker refuses a replayed hello signature, and
+    two hellos of one key signed in the same millisecond would carry the same one."""
+    _last_ts[0] = max(protocol.now_ms(), _last_ts[0] + 1)
+    return _last_ts[0]
+
+
 def hello_frame(ident, session_id=None, ts=None, **extra):
-    ts = protocol.now_ms() if ts is None else ts
+    ts = fresh_ts() if ts is None else ts
     frame = {'type': 'hello', 'meshId': ident.mesh_id, 'memberId': ident.member_id,
              'pubkey': ident.pub, 'sessionId': session_id or 'daemon-%s' % ident.pub[:16],
              'pid': 4242, 'cwd': '/tmp', 'hostname': 'testhost', 'peerType': 'ai',
@@ -72,7 +82,7 @@ def hello_frame(ident, session_id=None, ts=None, **extra):
 
 def session_hello_frame(ident, session_pub, session_sec, session_id=None, ts=None,
                         expires_at=None, **extra):
-    ts = protocol.now_ms() if ts is None else ts
+    ts = fresh_ts() if ts is None else ts
     expires_at = ts + 12 * 3600 * 1000 if expires_at is None else expires_at
     frame = {'type': 'session_hello', 'meshId': ident.mesh_id, 'parentMemberId': ident.member_id,
              'parentMemberPubkey': ident.pub, 'sessionPubkey': session_pub,

@@ -120,7 +120,9 @@ class DeliveryMixin(BrokerTestMixin):
                                delta=1)
         with store.connection():
             self.broker.delivery.expire(now=row.expires_at)
-        self.assertEqual(self.queue_rows(id=ack['messageId']), [])
+        # Kept, marked undelivered, until its sender's daemon was told (meshd extension).
+        expired = self.queue_rows(id=ack['messageId'])[0]
+        self.assertEqual((expired.undelivered_reason, expired.delivered_at), ('expired', None))
         bob_peer, _ = self.hello(self.bob)
         bob_peer.expect_nothing()
 

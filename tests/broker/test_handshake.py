@@ -74,6 +74,37 @@ class HandshakeMixin(BrokerTestMixin):
         frame['signature'] = 'abc'
         self.rejected(frame, 'malformed', 'hello rejected: malformed')
 
+    def test_nonsense_in_unsigned_fields_is_malformed(self):
+        """Finding 11: hellos with a pid of -1 or 10^30, or an object as hostname, were
+        accepted, stored and listed to every peer."""
+        for field, value in (('pid', -1), ('pid', 10 ** 30), ('pid', 1.5),
+                             ('hostname', {'x': 1}), ('displayName', ['a']),
+                             ('cwd', 'x' * 5000), ('sessionId', 's' * 300),
+                             ('groups', [{'name': 7}]), ('groups', 'ops'), ('meshdExt', [1]),
+                             ('model', 12)):
+            self.rejected(hello_frame(self.alice, **{field: value}), 'malformed',
+                          'hello rejected: malformed')
+        self.assertEqual(self.connect_and_hello()['type'], 'hello_ack')
+
+    def connect_and_hello(self):
+        peer = self.connect()
+        peer.send(hello_frame(self.alice, hostname='host', pid=2 ** 31 - 1, displayName='a'))
+        return peer.recv()
+
+    def test_a_replayed_hello_is_refused_within_its_window(self):
+        """Finding 11: a captured hello could be replayed within its 60 s window."""
+        frame = hello_frame(self.alice)
+        first = self.connect()
+        first.send(frame)
+        self.assertEqual(first.expect('hello_ack')['type'], 'hello_ack')
+        self.rejected(frame, 'replayed', 'hello rejected: replayed')
+        keys = crypto.generate_keypair()
+        session = session_hello_frame(self.alice, *keys)
+        peer = self.connect()
+        peer.send(session)
+        peer.expect('hello_ack', skip=('peer_joined',))
+        self.rejected(session, 'replayed', 'session_hello rejected: replayed')
+
     def test_missing_session_id_is_malformed(self):
         frame = hello_frame(self.alice)
         del frame['sessionId']
