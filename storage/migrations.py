@@ -174,17 +174,14 @@ def _copy_aside(database, path, version):
 def enable_incremental_vacuum(database):
     """Let pruning give pages back to the file system (`PRAGMA incremental_vacuum`).
 
-    The mode can only change before the first table exists or through a VACUUM, which
+    In WAL mode the setting takes effect only through a VACUUM, even on an empty file; it
     rewrites the file once (outside any transaction, at start-up, after the copy aside).
     """
     if database.execute_sql('PRAGMA auto_vacuum').fetchone()[0] == AUTO_VACUUM_INCREMENTAL:
         return
     database.execute_sql('PRAGMA auto_vacuum = INCREMENTAL')
-    has_tables = database.execute_sql(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
-    if has_tables:
-        database.execute_sql('VACUUM')
-        log.info('database rewritten for incremental vacuum')
+    database.execute_sql('VACUUM')
+    log.info('database set to incremental vacuum')
 
 
 def migrate(database, path):
