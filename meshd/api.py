@@ -12,7 +12,7 @@ import uuid
 import gevent.queue
 from rpc.protocol import (AUTH_ERROR, CONFLICT, INVALID_REQUEST, NOT_FOUND, UPSTREAM_ERROR,
                           RpcError, invalid_params, notification)
-from rpc.server import Stream
+from rpc.connection import Stream
 from storage import db as storage_db
 from storage.models import OUTBOX_STATUSES, Idempotency, Inbox, Outbox, now_ms
 

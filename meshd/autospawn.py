@@ -14,6 +14,7 @@ import time
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
 from meshd import files
+from meshd.pidfile import read_running_pid
 
 PROBE_TIMEOUT = 2.5
 SPAWN_BUDGET = 10.0      # claudemesh allows 3 s; a loaded machine needs longer for Python
@@ -25,14 +26,22 @@ _cached = {}
 
 
 def probe(paths, timeout=PROBE_TIMEOUT):
-    """'up', 'absent' (no socket) or 'stale' (a socket nobody answers on)."""
+    """'up', 'absent' (no socket), 'busy' (the daemon runs but every connection it can
+    take is working) or 'stale' (a socket nobody answers on)."""
     if not os.path.exists(paths.socket):
         return 'absent'
     try:
         with RpcClient(socket_path=paths.socket, timeout=timeout) as client:
             client.call('daemon.version')
         return 'up'
-    except (RpcConnectionError, RpcCallError, ValueError):
+    except RpcCallError as exc:
+        return 'busy' if exc.slug == 'busy' else 'stale'
+    except RpcConnectionError:
+        # A full listen queue (EAGAIN), no answer in time or a refused connection, from a
+        # daemon that holds its lock: it is running, not down, and starting another one
+        # would not help.
+        return 'busy' if read_running_pid(paths.pid_file) is not None else 'stale'
+    except ValueError:
         return 'stale'
 
 
@@ -63,6 +72,9 @@ def ensure_daemon(paths, command, environ=None, allow_spawn=True):
     if state == 'up':
         _cached[paths.socket] = 'up'
         return 'up', None
+    if state == 'busy':
+        return 'busy', ('the daemon (pid %s) is running but at its connection limit; '
+                        'try again' % read_running_pid(paths.pid_file))
     if service_managed():
         if _poll_up(paths, SERVICE_WAIT):
             _cached[paths.socket] = 'up'

@@ -53,12 +53,15 @@ def _client(paths, timeout=5.0, spawn=True):
     state, detail = autospawn.ensure_daemon(paths, _entry_command(), allow_spawn=spawn)
     if state == 'started':
         print('[meshd] info daemon started automatically (%s)' % detail, file=sys.stderr)
+    elif state == 'busy':
+        fail('✘ daemon busy — %s' % detail)
     elif state != 'up':
         fail('✘ daemon not reachable — %s: %s (check %s)' % (state, detail, paths.log))
     try:
-        return RpcClient(socket_path=paths.socket, timeout=timeout).connect()
+        client = RpcClient(socket_path=paths.socket, timeout=timeout).connect()
     except RpcConnectionError as exc:
         fail('✘ daemon not reachable — %s (check %s)' % (exc, paths.log))
+    return client
 
 
 def _session_token():

@@ -18,6 +18,7 @@ import gevent.pool
 from gevent import monkey
 from rpc.protocol import CONFLICT, INVALID_PARAMS, RpcError
 from rpc.registry import Registry
+from rpc.admission import Limits
 from rpc.server import RpcServer
 from storage import db as storage_db
 from storage import migrations
@@ -55,6 +56,8 @@ DEFAULT_TIMINGS = {
     'roster_cache_ttl': 2.0,
     'drain_expire_interval': 1.0,
     'clock_jump_threshold': 10.0,
+    'ipc_auth_timeout': 5.0,      # a TCP connection must `auth` within this
+    'ipc_idle_timeout': 300.0,    # an unsubscribed connection idle this long is closed
 }
 ATTESTATION_TTL_MS = 12 * 3600 * 1000
 
@@ -154,7 +157,9 @@ class Daemon:
                                 tcp_port=self.options.tcp_port if tcp_on else None,
                                 tcp_token=token, session_resolver=self.registry.resolve,
                                 app=self, public_methods=('daemon.health',)
-                                if self.options.public_health else ())
+                                if self.options.public_health else (),
+                                limits=Limits(auth_timeout=self.timings['ipc_auth_timeout'],
+                                              idle_timeout=self.timings['ipc_idle_timeout']))
         try:
             self.server.start()
         except OSError as exc:

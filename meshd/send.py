@@ -12,7 +12,7 @@ import uuid
 import gevent
 from rpc.protocol import (CONFLICT, INVALID_PARAMS, INVALID_REQUEST, MESH_CHOICE, NOT_FOUND,
                           UPSTREAM_ERROR, RpcError, invalid_params)
-from rpc.server import Pending
+from rpc.connection import Pending
 from storage import db as storage_db
 from storage.models import Idempotency, Outbox, now_ms
 

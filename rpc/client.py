@@ -19,7 +19,12 @@ class RpcCallError(Exception):
 
 
 class RpcConnectionError(Exception):
-    """The daemon could not be reached, or closed the connection."""
+    """The daemon could not be reached, or closed the connection; `errno` when an OS error
+    said why (EAGAIN: the listen queue of a Unix socket is full)."""
+
+    def __init__(self, message, errno=None):
+        super().__init__(message)
+        self.errno = errno
 
 
 class RpcClient:
@@ -46,7 +51,8 @@ class RpcClient:
                 host, _, port = self.tcp_address.rpartition(':')
                 sock = socket.create_connection((host, int(port)), timeout=self.timeout)
         except (OSError, ValueError) as exc:
-            raise RpcConnectionError('cannot connect to %s: %s' % (self.where, exc))
+            raise RpcConnectionError('cannot connect to %s: %s' % (self.where, exc),
+                                     getattr(exc, 'errno', None))
         self._sock = sock
         self._rfile = sock.makefile('rb')
         return self

@@ -1,6 +1,7 @@
 """The JSON-RPC server: a Unix socket and an optional loopback TCP listener (spec/daemon.md §8.1).
 
-One greenlet per connection from a bounded pool reads lines until b'' (gevent's echoserver).
+One greenlet per connection reads lines until b'' (gevent's echoserver); rpc/admission.py
+decides which connections are served and for how long.
 Requests on one connection run in order and are answered in order. A method registered
 `pipelined` (send) may return a Pending, an answer that is not ready yet (a row waiting for
 its group commit): the connection then reads on, so a client that pipelines sends shares
@@ -8,7 +9,6 @@ commits, and any other request waits until the pending answers are out (it sees 
 Responses and notifications share a per-connection write lock. No handler exception reaches
 the StreamServer: each is logged and answered with a terse internal error, never a traceback.
 """
-import collections
 import errno
 import hmac
 import json
@@ -17,6 +17,7 @@ import os
 import socket
 import stat
 import struct
+import time
 
 import gevent
 import gevent.event
@@ -24,128 +25,21 @@ import gevent.lock
 import gevent.pool
 from gevent.server import StreamServer
 
+from rpc.admission import Admission, Limits
+from rpc.connection import CallContext, Connection, Pending, Stream
 from rpc.protocol import (AUTH_ERROR, INTERNAL_ERROR, INVALID_REQUEST, MAX_LINE, PARSE_ERROR,
-                          RpcError, encode, error_response, invalid_params, response)
+                          UNAVAILABLE, RpcError, error_response, invalid_params, response)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CLIENTS = 256
 LISTEN_BACKLOG = 128
-
-
-class Stream:
-    """A handler's answer that keeps streaming: `result` goes out first, then `run(conn)`.
-
-    `run` is called in its own greenlet after the response line is written. It returns when
-    the connection closes, a write fails or the server stops (`conn.stopping` is set).
-    """
-
-    def __init__(self, result, run, cancel=None):
-        self.result = result
-        self.run = run
-        self.cancel = cancel  # undoes what the handler set up when the stream never starts
-
-
-class Pending:
-    """A handler's answer that is not ready yet: `finish(waitable.get())` is the result.
-
-    `finish` runs in the connection's answering greenlet and may raise RpcError like a
-    handler. Only methods registered `pipelined` may return one.
-    """
-
-    def __init__(self, waitable, finish):
-        self.waitable = waitable
-        self.finish = finish
-
-
-class Connection:
-    """One client connection: its transport, auth state, attached session and writer."""
-
-    def __init__(self, sock, transport, server, peer_uid=None):
-        self.sock = sock
-        self.transport = transport
-        self.peer_uid = peer_uid
-        self.authenticated = transport == 'uds'
-        self.session_token = None
-        self.stream = None
-        self.stopping = server.stopping
-        self.closed = gevent.event.Event()
-        self._write_lock = gevent.lock.Semaphore()
-        self._answers = collections.deque()     # (request id, Pending or ready answer)
-        self._answerer = None
-        self._server = server
-
-    @property
-    def answers_pending(self):
-        return bool(self._answers) or (self._answerer is not None and not self._answerer.dead)
-
-    def answer_in_order(self, request_id, answer):
-        """Queue an answer (a ready message, or a Pending for `request_id`) behind the others."""
-        self._answers.append((request_id, answer))
-        if self._answerer is None or self._answerer.dead:
-            self._answerer = gevent.spawn(self._answer_queued)
-
-    def wait_answers(self):
-        """Return once every queued answer was written (or the connection is gone)."""
-        while self.answers_pending:
-            self._answerer.join()
-
-    def _answer_queued(self):
-        while self._answers:
-            request_id, answer = self._answers.popleft()
-            if isinstance(answer, Pending):
-                answer = self._server.finish_pending(request_id, answer)
-            if answer is not None:
-                self.send(answer)
-
-    def send(self, message):
-        """Write one message as a line; False when the peer is gone."""
-        if self.closed.is_set():
-            return False
-        data = encode(message)
-        with self._write_lock:
-            try:
-                self.sock.sendall(data)
-                return True
-            except OSError:
-                self.closed.set()
-                return False
-
-    def close(self):
-        self.closed.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-
-class CallContext:
-    """What a handler sees: the connection, its session (resolved per call) and the app."""
-
-    def __init__(self, server, conn):
-        self.server = server
-        self.conn = conn
-        self.app = server.app
-        self._session = None
-        self._resolved = False
-
-    @property
-    def session(self):
-        if not self._resolved:
-            self._resolved = True
-            token = self.conn.session_token
-            if token is not None and self.server.session_resolver is not None:
-                self._session = self.server.session_resolver(token)
-        return self._session
 
 
 class RpcServer:
     """Serves a Registry on a Unix socket (mode 0600, same-uid peers) and optional TCP."""
 
     def __init__(self, registry, socket_path, tcp_port=None, tcp_token=None,
-                 session_resolver=None, app=None, max_clients=DEFAULT_MAX_CLIENTS,
-                 public_methods=()):
+                 session_resolver=None, app=None, limits=None, public_methods=()):
         self.registry = registry
         self.socket_path = socket_path
         self.tcp_port = tcp_port
@@ -154,8 +48,13 @@ class RpcServer:
         self.app = app
         self.public_methods = frozenset(public_methods)  # callable on TCP before `auth`
         self.stopping = gevent.event.Event()
-        self._pool = gevent.pool.Pool(max_clients)
+        self.limits = limits or Limits()
+        self.admission = Admission(self.limits)
+        # Connection greenlets are bounded by admission (per transport), not by a pool:
+        # a full pool stops accepting, and then nobody, the owner included, gets in.
+        self._handlers = gevent.pool.Group()
         self._streams = gevent.pool.Group()
+        self._sweeper = None
         self._servers = []
         self._bound_socket = False
         self._connections = set()
@@ -169,7 +68,8 @@ class RpcServer:
 
     def start(self):
         """Bind both listeners synchronously and start accepting."""
-        uds = StreamServer(bind_unix_socket(self.socket_path), self._handle_uds, spawn=self._pool)
+        uds = StreamServer(bind_unix_socket(self.socket_path), self._handle_uds,
+                           spawn=self._handlers.spawn)
         self._bound_socket = True  # from here on the path is ours to unlink
         uds.start()
         self._servers.append(uds)
@@ -178,9 +78,10 @@ class RpcServer:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind(('127.0.0.1', self.tcp_port))
             listener.listen(LISTEN_BACKLOG)
-            tcp = StreamServer(listener, self._handle_tcp, spawn=self._pool)
+            tcp = StreamServer(listener, self._handle_tcp, spawn=self._handlers.spawn)
             tcp.start()
             self._servers.append(tcp)
+        self._sweeper = self._streams.spawn(self._sweep_deadlines)
 
     @property
     def tcp_address(self):
@@ -211,7 +112,14 @@ class RpcServer:
         for conn in list(self._connections):
             conn.close()
         self._streams.kill(timeout=grace)
-        self._pool.kill(timeout=grace)
+        self._handlers.kill(timeout=grace)
+
+    def _sweep_deadlines(self):
+        """Close TCP connections that did not `auth` in time and idle unsubscribed ones."""
+        while not self.stopping.wait(self.limits.sweep_interval):
+            for conn in list(self.admission.expired()):
+                self.admission.release(conn)
+                conn.close()
 
     # -- connections -------------------------------------------------------------------
 
@@ -227,6 +135,19 @@ class RpcServer:
         self._serve(Connection(sock, 'tcp', self))
 
     def _serve(self, conn):
+        if not self.admission.admit(conn):
+            conn.send(error_response(None, RpcError.of(
+                UNAVAILABLE, 'busy', 'daemon busy: every %s connection is working'
+                % conn.transport)))
+            _discard_input(conn.sock)  # so the client's request does not meet a closed socket
+            conn.close()
+            return
+        try:
+            self._serve_admitted(conn)
+        finally:
+            self.admission.release(conn)
+
+    def _serve_admitted(self, conn):
         self._connections.add(conn)
         rfile = conn.sock.makefile('rb')
         try:
@@ -237,6 +158,7 @@ class RpcServer:
                     break
                 if not line:
                     break  # the client half-closed: answer nothing more, but keep streaming
+                conn.last_activity = time.monotonic()
                 if len(line) - line.endswith(b'\n') > MAX_LINE:
                     conn.wait_answers()
                     conn.send(error_response(None, RpcError.of(
@@ -246,8 +168,13 @@ class RpcServer:
                     return
                 if not line.strip():
                     continue
-                if not self._handle_line(conn, line):
-                    return
+                conn.in_call = True
+                try:
+                    if not self._handle_line(conn, line):
+                        return
+                finally:
+                    conn.in_call = False
+                    conn.last_activity = time.monotonic()
             if conn.stream is not None:
                 # events.subscribe outlives the client's write side (socat -t 86400 …).
                 conn.stream.join()
@@ -277,6 +204,8 @@ class RpcServer:
             return self._handle_batch(conn, message)
         if conn.answers_pending and not self._is_pipelined(message):
             conn.wait_answers()  # it must see what the pending requests wrote
+        elif conn.answers_owed >= self.limits.max_pending:
+            conn.wait_answers()  # a bound on the work one connection can queue
         answer, stream = self._call(conn, message)
         if conn.answers_pending or isinstance(answer, Pending):
             # Only a pipelined method gets here with answers pending: it never streams.

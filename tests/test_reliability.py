@@ -8,7 +8,6 @@ import json
 import os
 import socket
 
-from meshd import crypto
 from meshd.broker import store
 from rpc.protocol import encode, request
 from tests.base import DEADLINE, wait_for
