@@ -49,11 +49,20 @@ def _default_listen():
 @argh.arg('--max-message-bytes', help='soft frame limit answered with an error (default 65536)')
 @argh.arg('--max-frame-bytes', help='hard frame limit, closed with 1009 (default 1048576)')
 @argh.arg('--max-connections-per-mesh', help='presences per mesh (default 100)')
+@argh.arg('--max-connections', help='WebSocket connections in all (default 1024); /health is '
+                                    'answered beyond it')
+@argh.arg('--per-address-limit', help='connections one address may hold before saying hello '
+                                      '(default 16)')
+@argh.arg('--hello-timeout', help='seconds a WebSocket may take to say hello (default 10)')
+@argh.arg('--trusted-proxy', help='ADDR[,ADDR…] of reverse proxies whose X-Forwarded-For is '
+                                  'believed (default: none)')
 def broker(*, listen=None, db=None, rate_limit='60:600', dm_ttl='7d', max_message_bytes=None,
-           max_frame_bytes=None, max_connections_per_mesh=None):
+           max_frame_bytes=None, max_connections_per_mesh=None, max_connections=None,
+           per_address_limit=None, hello_timeout=None, trusted_proxy=None):
     """Run the meshd broker in the foreground (SIGTERM closes every socket with 1001)."""
     from meshd.broker.server import BrokerServer
     try:
+        timings = {'broker_hello_timeout': float(hello_timeout)} if hello_timeout else None
         server = BrokerServer(
             listen=listen or _default_listen(), db=db or os.environ.get(ENV_DB) or None,
             rate_limit=rate_limit, dm_ttl=dm_ttl,
@@ -61,7 +70,10 @@ def broker(*, listen=None, db=None, rate_limit='60:600', dm_ttl='7d', max_messag
             else _env_int('MAX_MESSAGE_BYTES', 65536),
             max_frame_bytes=int(max_frame_bytes) if max_frame_bytes else 1048576,
             max_connections_per_mesh=int(max_connections_per_mesh) if max_connections_per_mesh
-            else _env_int('MAX_CONNECTIONS_PER_MESH', 100))
+            else _env_int('MAX_CONNECTIONS_PER_MESH', 100),
+            max_connections=int(max_connections) if max_connections else 1024,
+            per_address_limit=int(per_address_limit) if per_address_limit else 16,
+            trusted_proxies=trusted_proxy, timings=timings)
         server.run()
     except (MeshdError, ValueError) as exc:
         _fail(str(exc), 2)

@@ -21,6 +21,7 @@ from gevent import monkey
 from gevent.pywsgi import WSGIServer
 
 from meshd import systemd, timings as timings_mod
+from meshd.broker import admission as admission_mod
 from meshd.broker import delivery as delivery_mod
 from meshd.broker import handshake, protocol, store
 from meshd.broker.data import DataVerbs
@@ -62,6 +63,8 @@ TIMING_DEFAULTS = {
     'broker_write_timeout': 10.0,   # one frame write
     'broker_status_ttl': 60.0,      # stuck `working` swept back to idle
     'broker_hook_fresh': 30.0,      # a hook status younger than this holds
+    'broker_hello_timeout': admission_mod.DEFAULT_HELLO_TIMEOUT,      # upgrade -> hello
+    'broker_request_timeout': admission_mod.DEFAULT_REQUEST_TIMEOUT,  # accept -> request
 }
 _DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*$')
 _UNITS = {'d': 86400, 'h': 3600, 'm': 60, 's': 1, '': 1}
@@ -93,12 +96,18 @@ def parse_listen(value):
     return host.strip('[]'), port
 
 
+class HelloTimeout(Exception):
+    """A WebSocket did not say hello within the deadline after its upgrade."""
+
+
 class _Conn(object):
     """One WebSocket connection and the entry its hello bound (None before a successful hello)."""
 
-    def __init__(self, ws, spawn):
+    def __init__(self, ws, spawn, hello_timeout):
         self.ws = ws
         self.entry = None
+        self.proven = False     # said hello: no longer counted by admission
+        self.hello_deadline = time.monotonic() + hello_timeout
         self.acks = delivery_mod.AckPipeline(ws, spawn)
 
 
@@ -108,7 +117,9 @@ class BrokerServer(object):
     def __init__(self, listen=DEFAULT_LISTEN, db=None, rate_limit='60:600', dm_ttl=DEFAULT_DM_TTL,
                  max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
                  max_connections_per_mesh=DEFAULT_MAX_CONNECTIONS_PER_MESH,
-                 max_connections=DEFAULT_MAX_CONNECTIONS, timings=None):
+                 max_connections=DEFAULT_MAX_CONNECTIONS,
+                 per_address_limit=admission_mod.DEFAULT_PER_ADDRESS, trusted_proxies=(),
+                 timings=None):
         self.host, self.requested_port = parse_listen(listen)
         self.db_url = db
         self.dm_ttl = parse_duration(dm_ttl)
@@ -121,6 +132,9 @@ class BrokerServer(object):
             if name not in TIMING_DEFAULTS:
                 raise ConfigError('unknown broker timing: %s' % name)
             self.t[name] = float(value)
+        self.admission = admission_mod.Admission(
+            self.max_connections, per_address_limit, self.t['broker_hello_timeout'],
+            self.t['broker_request_timeout'], trusted_proxies)
         self.limiter = RateLimiter(parse_spec(rate_limit))
         self.hook_limiter = RateLimiter((HOOK_RATE_LIMIT_PER_MIN, HOOK_RATE_LIMIT_PER_MIN))
         self.registry = Registry()
@@ -198,8 +212,11 @@ class BrokerServer(object):
             self._startup_cleanup()
         self._server = WSGIServer(
             (self.host, self.requested_port), self._application, handler_class=BrokerHandler,
-            spawn=gevent.pool.Pool(self.max_connections), log=None,
+            spawn=gevent.pool.Pool(self.admission.pool_size), log=None,
             error_log=logging.getLogger('meshd.broker.pywsgi'))
+        # What BrokerHandler reads: the admission rules and the open WebSockets.
+        self._server.admission = self.admission
+        self._server.broker_sockets = self.sockets
         # Only /ws is upgraded; any other path goes to the plain application (404, not a reset).
         self._server.pre_start_hook = lambda handler: handler.environ.get('PATH_INFO') != WS_PATH
         self._server.start()
@@ -347,7 +364,7 @@ class BrokerServer(object):
     def _serve(self, ws):
         ws.max_frame_bytes = self.max_frame_bytes
         ws.write_timeout = self.t['broker_write_timeout']
-        conn = _Conn(ws, self.delivery.spawn_worker)
+        conn = _Conn(ws, self.delivery.spawn_worker, self.admission.hello_timeout)
         self.sockets.add(ws)
         try:
             if self._stopped:
@@ -355,7 +372,11 @@ class BrokerServer(object):
                 return
             while True:
                 try:
-                    data = ws.next_message()
+                    data = self._next_message(conn)
+                except HelloTimeout:
+                    self.admission.hello_timed_out(ws.address)
+                    ws.close_with(protocol.CLOSE_POLICY, 'hello timeout')
+                    break
                 except FrameTooLarge as exc:
                     log.info('frame of %d bytes above the hard limit: closing 1009', exc.args[0])
                     ws.close_with(protocol.CLOSE_TOO_BIG, protocol.REASON_TOO_BIG)
@@ -364,7 +385,12 @@ class BrokerServer(object):
                     break
                 with store.connection():
                     self._handle(conn, data)
+                if conn.entry is not None and not conn.proven:
+                    conn.proven = True
+                    self.admission.proven(ws.address)
         finally:
+            if not conn.proven:
+                self.admission.proven(ws.address)
             self.sockets.discard(ws)
             ws.closed = True
             if conn.entry is not None:
@@ -373,6 +399,16 @@ class BrokerServer(object):
                         self._go_offline(conn.entry, ws)
                 except Exception:
                     log.exception('close path failed')
+
+    def _next_message(self, conn):
+        """The next frame; before a hello, within the deadline counted from the upgrade."""
+        if conn.entry is not None:
+            return conn.ws.next_message()
+        remaining = conn.hello_deadline - time.monotonic()
+        if remaining <= 0:
+            raise HelloTimeout()
+        with gevent.Timeout(remaining, HelloTimeout):
+            return conn.ws.next_message()
 
     def _handle(self, conn, data):
         ws = conn.ws
@@ -751,13 +787,6 @@ class BrokerServer(object):
                 self._go_offline(entry, ws)
             else:
                 ws.ping()
-        # A socket that never says hello holds a connection slot: past the pong timeout
-        # without a hello it is terminated like a silent peer (review finding).
-        bound = {entry.ws for entry in self.registry.all()}
-        for ws in list(self.sockets):
-            if ws not in bound and now - ws.last_pong_at > limit:
-                log.info('socket without hello for %.0fs: terminating', now - ws.last_pong_at)
-                ws.terminate()
 
     def _sweep_step(self):
         now = protocol.utcnow()

@@ -45,6 +45,7 @@ class BrokerWebSocket(WebSocket):
         self.last_pong_at = time.monotonic()
         self.on_pong = None
         self.terminated = False
+        self.address = None     # the client's address, as admission counts it
 
     @property
     def is_open(self):
@@ -179,9 +180,46 @@ class BrokerWebSocket(WebSocket):
 
 
 class BrokerHandler(WebSocketHandler):
-    """WebSocketHandler that upgrades to BrokerWebSocket instead of the library's class."""
+    """WebSocketHandler that upgrades to BrokerWebSocket instead of the library's class,
+    under the broker's admission rules (`server.admission`, meshd/broker/admission.py)."""
+
+    def handle(self):
+        admission = self.server.admission
+        self._peer = self.client_address[0] if isinstance(self.client_address, tuple) else ''
+        if not admission.enter(self._peer):
+            self._drop_socket()
+            return
+        self._in_http = True
+        # pywsgi waits for a request line for ever: a deadline frees the place.
+        self.socket.settimeout(admission.request_timeout)
+        try:
+            super(BrokerHandler, self).handle()
+        except socket.timeout:
+            pass
+        finally:
+            self._leave_http()
+
+    def _leave_http(self):
+        if getattr(self, '_in_http', False):
+            self._in_http = False
+            self.server.admission.leave(self._peer)
+
+    def _drop_socket(self):
+        try:
+            self.socket.close()
+        except (OSError, AttributeError):
+            pass
 
     def upgrade_connection(self):
+        admission = self.server.admission
+        address = admission.address(self.environ)
+        refusal = admission.refuse_upgrade(address, len(self.server.broker_sockets))
+        if refusal is not None:
+            status, text = refusal
+            self.start_response(status, [('Content-Type', 'text/plain; charset=utf-8'),
+                                         ('Content-Length', str(len(text))),
+                                         ('Connection', 'close')])
+            return [text.encode('utf-8')]
         # Frames are small and written back to back (an ack, then a push or a reply): without
         # TCP_NODELAY, Nagle holds the second until the peer's delayed ACK, 40 ms later.
         try:
@@ -195,6 +233,13 @@ class BrokerHandler(WebSocketHandler):
             original.closed = True
             self.websocket = BrokerWebSocket(self.environ, Stream(self), self)
             self.environ['wsgi.websocket'] = self.websocket
+        if original is not None:
+            # From here the socket counts as a WebSocket that has not said hello yet: the
+            # hello deadline replaces the request deadline.
+            self._leave_http()
+            self.socket.settimeout(None)
+            self.websocket.address = address
+            admission.upgraded(address)
         return result
 
     def log_request(self):
