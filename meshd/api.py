@@ -16,7 +16,7 @@ from rpc.connection import Stream
 from storage import db as storage_db
 from storage.models import OUTBOX_STATUSES, Idempotency, Inbox, Outbox, now_ms
 
-from meshd import crypto, send as send_mod
+from meshd import crypto, procs, send as send_mod
 from meshd.log import iso_from_ms
 from meshd.sessions import SessionInfo
 
@@ -200,6 +200,8 @@ def sessions_register(ctx, token: str = None, session_id: str = None, mesh: str 
     token = _token(token, 'token must be 64 hex chars')
     if not (session_id and mesh and display_name and pid):
         raise invalid_params('session_id, mesh, display_name, pid all required')
+    if not 0 < pid <= procs.MAX_PID:
+        raise invalid_params("'pid' must be a process id (1 to %d)" % procs.MAX_PID)
     if groups is not None and not all(isinstance(g, str) for g in groups):
         raise invalid_params("'groups' must be an array of strings")
     accepted = None

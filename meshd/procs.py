@@ -3,17 +3,18 @@ import os
 
 import psutil
 
-START_TIME_TOLERANCE = 1.0  # create_time moves slightly when the clock is adjusted
+START_TIME_TOLERANCE = 1.0
+MAX_PID = 2 ** 31 - 1     # pid_t is a signed 32-bit integer  # create_time moves slightly when the clock is adjusted
 
 
 def is_alive(pid):
     """kill(pid, 0) succeeds. EPERM counts as dead: a session process runs as our user."""
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or not 0 < pid <= MAX_PID:
         return False
     try:
         os.kill(pid, 0)
         return True
-    except OSError:
+    except (OSError, OverflowError):
         return False
 
 
@@ -21,7 +22,7 @@ def start_time(pid):
     """The process's start time as a decimal string, None when it cannot be read."""
     try:
         return '%.2f' % psutil.Process(pid).create_time()
-    except (psutil.Error, ValueError):
+    except (psutil.Error, ValueError, OverflowError, TypeError):
         return None
 
 

@@ -144,6 +144,18 @@ class RegistryTest(SessionsTestCase):
         self.assertEqual([s['token_prefix'] for s in daemon.call('sessions.list')['sessions']],
                          [second[:8]])
 
+    def test_a_pid_that_is_no_process_id_is_invalid_params(self):
+        """Fuzzing: pid 10^30 was accepted; every reaper pass then failed on it, and a
+        second registration of its session id answered -32603."""
+        daemon = self.start_daemon()
+        with daemon.client() as client:
+            for pid in (10 ** 30, 2 ** 31, -1):
+                answer = client.request('sessions.register', {
+                    'token': secrets.token_hex(32), 'session_id': 's', 'mesh': 'alpha',
+                    'display_name': 'x', 'pid': pid})
+                self.assertEqual(answer['error']['data']['code'], 'invalid_params', answer)
+        self.assertEqual(daemon.call('sessions.list')['sessions'], [])
+
     def test_launch_resume_takes_over_a_session_a_live_process_holds(self):
         daemon = self.start_daemon()
         first, params, _ = self.register(daemon, self.live_process().pid)

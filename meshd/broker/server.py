@@ -69,6 +69,7 @@ TIMING_DEFAULTS = {
 _DURATION = re.compile(r'^\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*$')
 _UNITS = {'d': 86400, 'h': 3600, 'm': 60, 's': 1, '': 1}
 _STATS_KEYS = ('messagesIn', 'messagesOut', 'toolCalls', 'errors')
+MAX_STALE_MS = 10 * 365 * 86400 * 1000
 _PROFILE_KEYS = ('avatar', 'title', 'bio', 'capabilities')
 
 
@@ -918,12 +919,17 @@ class BrokerServer(object):
             entry.stats = frame['stats']
 
     def _verb_join_group(self, entry, frame):
-        name = frame.get('name')
-        if not isinstance(name, str) or not name:
+        name, role = frame.get('name'), frame.get('role')
+        # The limits of a hello's groups: every ancestor of a/b/c is a target, so a name of
+        # thousands of levels cost seconds and hundreds of MB at every drain and fan-out.
+        if not isinstance(name, str) or not 0 < len(name) <= handshake.MAX_NAME:
+            return
+        if (len(entry.groups) >= handshake.MAX_GROUPS
+                and all(g['name'] != name for g in entry.groups)):
             return
         group = {'name': name}
-        if isinstance(frame.get('role'), str):
-            group['role'] = frame['role']
+        if isinstance(role, str) and len(role) <= handshake.MAX_NAME:
+            group['role'] = role
         entry.groups = [g for g in entry.groups if g['name'] != name] + [group]
         self._update_presence(entry, groups=store.dumps(entry.groups))
         self.delivery.drain(entry)
@@ -989,8 +995,9 @@ class BrokerServer(object):
         if frame.get('all'):
             return [e for e in entries if e is not entry], ''
         stale = frame.get('stale')
-        if protocol.is_finite_number(stale) and stale:
-            cutoff = protocol.utcnow() - datetime.timedelta(milliseconds=stale)
+        if protocol.is_finite_number(stale) and stale > 0:
+            # Beyond ten years nothing is that stale; a larger number overflows a timedelta.
+            cutoff = protocol.utcnow() - datetime.timedelta(milliseconds=min(stale, MAX_STALE_MS))
             rows = {p.id for p in store.Presence.select(store.Presence.id)
                     .where(store.Presence.id.in_([e.presence_id for e in entries] or [''])
                            & (store.Presence.last_ping_at < cutoff))}

@@ -89,6 +89,24 @@ class AdminVerbsMixin(BrokerTestMixin):
             self.assertEqual((closed.code, closed.reason), (1000, 'disconnected'))
         self.assertEqual([e.display_name for e in self.broker.registry.all()], ['owner'])
 
+    def test_a_stale_beyond_any_date_selects_nobody(self):
+        """Fuzzing: `stale` of 2^63 ms overflowed a timedelta and answered `internal`."""
+        self.hello(self.bob)
+        for verb in ('kick', 'disconnect'):
+            self.owner_peer.send({'type': verb, 'stale': 2 ** 63, '_reqId': verb})
+            self.assertEqual(self.owner_peer.expect(verb + '_ack', skip=('push',))['affected'], [])
+
+    def test_a_group_name_of_thousands_of_levels_is_refused(self):
+        """Fuzzing: join_group with 'a/' * 15000 made every drain and fan-out build every
+        ancestor path (hundreds of MB, seconds each)."""
+        bob_daemon, _ = self.hello(self.bob)
+        bob_daemon.send({'type': 'join_group', 'name': 'a/' * 15000})
+        bob_daemon.send({'type': 'join_group', 'name': 'ops', 'role': 'lead'})
+        bob_daemon.send({'type': 'list_peers', '_reqId': 'sync'})
+        bob_daemon.expect('peers_list', skip=('push',))
+        entry = [e for e in self.broker.registry.all() if e.display_name == 'bob'][0]
+        self.assertEqual(entry.groups, [{'name': 'ops', 'role': 'lead'}])
+
     def test_ban_closes_4002_and_blocks_hello(self):
         bob_daemon, _ = self.hello(self.bob)
         self.owner_peer.send({'type': 'ban', 'target': 'bob', '_reqId': 'b1'})
