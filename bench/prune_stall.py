@@ -25,7 +25,8 @@ sys.path.insert(0, ROOT)
 from rpc.client import RpcClient, RpcConnectionError  # noqa: E402
 from storage import db as storage_db  # noqa: E402
 from storage import migrations  # noqa: E402
-from storage.models import Inbox, now_ms  # noqa: E402
+from storage.models import Inbox  # noqa: E402
+from meshd.clock import now_ms  # noqa: E402
 
 DAY_MS = 24 * 3600 * 1000
 

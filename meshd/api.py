@@ -14,10 +14,10 @@ from rpc.protocol import (AUTH_ERROR, CONFLICT, INVALID_REQUEST, NOT_FOUND, UPST
                           RpcError, invalid_params, notification)
 from rpc.connection import Stream
 from storage import db as storage_db
-from storage.models import OUTBOX_STATUSES, Idempotency, Inbox, Outbox, now_ms
+from storage.models import OUTBOX_STATUSES, Idempotency, Inbox, Outbox
 
-from meshd import crypto, procs, send as send_mod
-from meshd.log import iso_from_ms
+from meshd import clock, crypto, procs, send as send_mod
+from meshd.clock import iso_from_ms
 from meshd.sessions import SessionInfo
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def inbox_list(ctx, since: str = None, topic: str = None, sender: str = None,
 def _mark_seen(ids):
     if not ids:
         return 0
-    return storage_db.write(lambda: (Inbox.update(seen_at=now_ms())
+    return storage_db.write(lambda: (Inbox.update(seen_at=clock.now_ms())
                                      .where(Inbox.id.in_(ids) & Inbox.seen_at.is_null())
                                      .execute()))
 
@@ -348,7 +348,7 @@ def outbox_requeue(ctx, id: str = None, new_client_message_id: str = None,  # no
         raise invalid_params("missing 'id'")
     new_cmid = (new_client_message_id or '').strip() or str(uuid.uuid4())
     new_id = str(uuid.uuid4())
-    now = now_ms()
+    now = clock.now_ms()
     def requeue():
         row = Outbox.get_or_none(Outbox.id == id)
         if row is None or row.status in ('aborted', 'done'):

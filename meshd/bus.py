@@ -10,7 +10,7 @@ import logging
 from storage import db as storage_db
 from storage.models import EVENT_LOG_KEEP, Event
 
-from meshd.log import iso_now
+from meshd.clock import iso_now
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from rpc.admission import Limits
 from rpc.server import RpcServer
 from storage import db as storage_db
 from storage import migrations
-from storage.models import Outbox, now_ms
+from storage.models import Outbox
 
-from meshd import (__version__, api, config as config_mod, container, crypto, files,
+from meshd import (__version__, api, clock, config as config_mod, container, crypto, files,
                    fingerprint, keystore, procs, systemd, timings)
 from meshd.bus import EventBus
 from meshd.drain import Drain
@@ -127,7 +127,7 @@ class Daemon:
                                               and not container.in_container())
         self._open_database()
         self.spawn('writer', storage_db.writer.run)
-        recovered = Outbox.recover_inflight(now_ms())
+        recovered = Outbox.recover_inflight(clock.now_ms())
         if recovered:
             log.info('outbox_inflight_recovered', extra={'fields': {'count': recovered}})
         self.epoch = str(uuid.uuid4())
@@ -361,7 +361,7 @@ class Daemon:
     def _fresh_presence(self, mesh, session_id):
         keypair = keystore.load_or_create(self.paths, mesh['slug'], session_id)
         wire = crypto.make_attestation(mesh['pubkey'], mesh['secretKey'], keypair.public_key,
-                                       now_ms() + ATTESTATION_TTL_MS)
+                                       clock.now_ms() + ATTESTATION_TTL_MS)
         # The local API names fields in snake_case; the wire's camelCase is for broker links.
         attestation = {'session_pubkey': wire['sessionPubkey'],
                        'parent_member_pubkey': wire['parentMemberPubkey'],

@@ -13,7 +13,8 @@ import logging
 import re
 
 from storage import db as storage_db
-from storage.models import Outbox, now_ms
+from storage.models import Outbox
+from meshd import clock
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Drain:
             self.wakeup.wait(self.daemon.timings['drain_poll'])
 
     def step(self, now=None):
-        now = now_ms() if now is None else now
+        now = clock.now_ms() if now is None else now
         housekeeping = now - self._expired_at >= self.daemon.timings['drain_expire_interval'] * 1000
         if housekeeping:
             self._expired_at = now  # a pass per second is enough; it is a write transaction
@@ -185,7 +186,7 @@ class Drain:
         self.wakeup.set()  # a row put back to pending is due now
 
     def _record(self, row, result):
-        now = now_ms()
+        now = clock.now_ms()
         if result.get('error') == getattr(self._link_of(row), 'not_open_error', None):
             # The link closed between this pass's planning and the send: nothing went out,
             # so the row goes back as it was, with no attempt counted (spec/daemon.md §6).

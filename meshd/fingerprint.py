@@ -12,7 +12,7 @@ import socket
 import psutil
 
 from meshd import files
-from meshd.log import iso_now
+from meshd.clock import iso_now
 
 MATCH, MISMATCH, FIRST_RUN, UNAVAILABLE = 'match', 'mismatch', 'first_run', 'unavailable'
 

@@ -16,9 +16,8 @@ import logging
 import uuid
 
 from storage import db as storage_db
-from storage.models import now_ms
 
-from meshd import crypto
+from meshd import clock, crypto
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def handle_push(daemon, link, frame, session_secret=None):
                mesh=mesh['slug'], topic=_text(frame.get('topic')), sender_pubkey=sender,
                sender_name=_text(frame.get('senderName')) or sender[:8], body=body,
                meta=json.dumps({'created_at': created_at}) if created_at else None,
-               received_at=now_ms(), reply_to_id=_text(frame.get('replyToId')),
+               received_at=clock.now_ms(), reply_to_id=_text(frame.get('replyToId')),
                recipient_pubkey=recipient_pubkey, recipient_kind=recipient_kind,
                decrypt_failed=1 if failed else 0, e2e=1 if sealed else 0)
     def store():

@@ -10,7 +10,7 @@ import re
 import secrets
 
 from meshd import crypto, files
-from meshd.log import iso_now
+from meshd.clock import iso_now
 
 log = logging.getLogger(__name__)
 

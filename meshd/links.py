@@ -15,7 +15,7 @@ import time
 from storage import db as storage_db
 from storage.models import Outbox
 
-from meshd import crypto, fingerprint, inbound
+from meshd import clock, crypto, fingerprint, inbound
 from meshd.wslink import Link
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ def stable_session_id(member_pubkey, host_id=None):
     host_id = fingerprint.host_id() if host_id is None else host_id
     digest = hashlib.sha256(host_id.encode() + b'\x00' + member_pubkey.encode()).hexdigest()
     return 'daemon-' + digest[:16]
-
-
-def _now_ms():
-    return int(time.time() * 1000)
 
 
 class MemberLink(Link):
@@ -65,7 +61,7 @@ class MemberLink(Link):
 
     def build_hello(self):
         mesh = self.mesh
-        timestamp = _now_ms()
+        timestamp = clock.now_ms()
         hello = {'type': 'hello', 'meshId': mesh['meshId'], 'memberId': mesh['memberId'],
                  'pubkey': mesh['pubkey']}
         if mesh.get('displayName'):
@@ -153,7 +149,7 @@ class SessionLink(Link):
         mesh, info = self.mesh, self.info
         try:
             attestation = crypto.make_attestation(mesh['pubkey'], mesh['secretKey'], self.pubkey,
-                                                  _now_ms() + ATTESTATION_TTL_MS)
+                                                  clock.now_ms() + ATTESTATION_TTL_MS)
         except Exception as exc:
             log.warning('parent attestation re-mint failed; reusing stored token (may be expired)',
                         extra={'fields': {'err': str(exc)}})
@@ -161,7 +157,7 @@ class SessionLink(Link):
             attestation = {'sessionPubkey': stored['session_pubkey'],
                            'parentMemberPubkey': stored['parent_member_pubkey'],
                            'expiresAt': stored['expires_at'], 'signature': stored['signature']}
-        timestamp = _now_ms()
+        timestamp = clock.now_ms()
         hello = {'type': 'session_hello', 'meshId': mesh['meshId'],
                  'parentMemberId': mesh['memberId'], 'parentMemberPubkey': mesh['pubkey'],
                  'sessionPubkey': self.pubkey, 'parentAttestation': attestation,

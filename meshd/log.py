@@ -5,30 +5,17 @@ the event name and the fields become keys. Info lines go to stdout, warnings and
 stderr. A few lifecycle lines carry no `level` key, as claudemesh's do. Handlers are set
 up once, by the CLI, never at import.
 """
-import datetime
 import json
 import logging
 import sys
+
+from meshd.clock import iso_now
 
 # Lines that claudemesh writes without a `level` key.
 _UNLEVELLED = frozenset({'host_fingerprint_written', 'broker_status', 'daemon_started',
                          'daemon_shutdown'})
 _LEVEL_NAMES = {logging.DEBUG: 'debug', logging.INFO: 'info', logging.WARNING: 'warn',
                 logging.ERROR: 'error', logging.CRITICAL: 'error'}
-
-
-def iso_now():
-    """UTC ISO-8601 with milliseconds and a Z suffix."""
-    return iso_from_ms(None)
-
-
-def iso_from_ms(ms):
-    """ISO time of `ms` (epoch milliseconds; None means now), as JavaScript's toISOString."""
-    if ms is None:
-        moment = datetime.datetime.now(datetime.timezone.utc)
-    else:
-        moment = datetime.datetime.fromtimestamp(ms / 1000.0, datetime.timezone.utc)
-    return moment.isoformat(timespec='milliseconds').replace('+00:00', 'Z')
 
 
 class JsonFormatter(logging.Formatter):
@@ -75,7 +62,3 @@ def setup(debug=False):
     root.addHandler(err)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
-
-def event(logger, level, name, **fields):
-    """Log the structured line `name` with `fields`."""
-    logger.log(level, name, extra={'fields': fields})

@@ -10,7 +10,8 @@ import logging
 
 import gevent
 from storage import db as storage_db
-from storage.models import FINISHED_STATUSES, RETENTION_MS, now_ms
+from storage.models import FINISHED_STATUSES, RETENTION_MS
+from meshd import clock
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Pruner:
         self.batch = batch
 
     def step(self, now=None):
-        cutoff = (now_ms() if now is None else now) - self.retention_ms
+        cutoff = (clock.now_ms() if now is None else now) - self.retention_ms
         removed = {}
         try:
             for table, condition in _RULES:

@@ -14,10 +14,10 @@ from rpc.protocol import (CONFLICT, INVALID_PARAMS, INVALID_REQUEST, MESH_CHOICE
                           UPSTREAM_ERROR, RpcError, invalid_params)
 from rpc.connection import Pending
 from storage import db as storage_db
-from storage.models import Idempotency, Outbox, now_ms
+from storage.models import Idempotency, Outbox
 
-from meshd import crypto
-from meshd.log import iso_from_ms
+from meshd import clock, crypto
+from meshd.clock import iso_from_ms
 
 DEFAULT_TTL_S = 7 * 24 * 3600
 MAX_TTL_S = 10 * 365 * 24 * 3600  # beyond this an expiry date cannot be stored or shown
@@ -87,7 +87,7 @@ def send(ctx, to, message, mesh=None, priority=None, meta=None, reply_to_id=None
         raise RpcError.of(INVALID_REQUEST, 'payload_too_large',
                           'message too large: the frame would be %d bytes > %d'
                           % (frame_length, FRAME_LIMIT))
-    now = now_ms()
+    now = clock.now_ms()
     ttl_s = ttl or daemon.timings['outbox_ttl']
     expires_at = now + int(ttl_s * 1000)
     broker_ttl = _shorter_broker_ttl(daemon, resolution, ttl_s)

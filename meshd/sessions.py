@@ -8,9 +8,9 @@ import json
 import logging
 
 from storage import db as storage_db
-from storage.models import Session, now_ms
+from storage.models import Session
 
-from meshd import procs
+from meshd import clock, procs
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class SessionRegistry:
             if prior is not None:
                 self._persist_delete(prior.token)
                 self._fire(self.on_deregister, prior)
-        info.registered_at = now_ms()
+        info.registered_at = clock.now_ms()
         if info.start_time is None:
             # psutil reads the process table without a subprocess, so this never blocks.
             info.start_time = procs.start_time(info.pid)

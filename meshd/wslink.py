@@ -18,7 +18,7 @@ import gevent.event
 import gevent.pool
 import websocket
 
-from meshd.log import iso_from_ms
+from meshd.clock import iso_from_ms
 
 log = logging.getLogger(__name__)
 

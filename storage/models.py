@@ -3,8 +3,6 @@
 Query helpers are classmethods named for what they mean and return a base query that the
 caller may extend. Models hold no network or crypto code. Times are Unix epoch milliseconds.
 """
-import time
-
 from peewee import SQL, BlobField, IntegerField, Model, TextField
 from playhouse.sqlite_ext import AutoIncrementField
 
@@ -14,11 +12,6 @@ OUTBOX_STATUSES = ('pending', 'inflight', 'done', 'dead', 'aborted', 'undelivere
 FINISHED_STATUSES = ('done', 'dead', 'aborted', 'undelivered')
 RETENTION_MS = 30 * 24 * 3600 * 1000
 EVENT_LOG_KEEP = 10000
-
-
-def now_ms():
-    """The current time in Unix epoch milliseconds."""
-    return int(time.time() * 1000)
 
 
 class BaseModel(Model):

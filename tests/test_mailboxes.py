@@ -5,7 +5,7 @@ import sqlite3
 import uuid
 
 from rpc.protocol import encode, request
-from storage.models import now_ms
+from meshd.clock import now_ms
 from tests.base import MeshdTestCase, make_mesh
 from tests.test_sessions import presence_for
 

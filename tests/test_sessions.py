@@ -8,7 +8,7 @@ import uuid
 
 from meshd import crypto, keystore
 from meshd.paths import Paths
-from storage.models import now_ms
+from meshd.clock import now_ms
 from tests.base import MeshdTestCase, make_mesh, wait_for
 
 

@@ -9,7 +9,7 @@ import os
 import re
 import time
 
-from meshd import crypto
+from meshd import clock, crypto
 from meshd.broker import invite as invite_mod
 from meshd.broker import protocol, store
 from meshd.exceptions import MeshdError
@@ -94,7 +94,7 @@ def create_mesh(name, slug=None, admin_pubkey=None, admin_name=None):
     if store.Mesh.get_or_none(store.Mesh.slug == slug) is not None:
         raise AdminError('slug already taken: %s' % slug)
     owner_pub, owner_sec = crypto.generate_keypair()
-    now = protocol.utcnow()
+    now = clock.utcnow()
     mesh_id = protocol.new_id()
     result = {'id': mesh_id, 'slug': slug, 'name': name, 'owner_pubkey': owner_pub}
     with store.writing():
@@ -126,7 +126,7 @@ def add_member(mesh, pubkey, name, role='member', role_tag=None, groups=None, br
             store.Member.create(id=member_id, mesh_id=mesh.id, peer_pubkey=pubkey,
                                 display_name=name or pubkey[:8], role=role, role_tag=role_tag,
                                 default_groups=store.dumps(parse_groups(groups)),
-                                joined_at=protocol.utcnow())
+                                joined_at=clock.utcnow())
         result.update(memberId=member_id, slug=mesh.slug, name=mesh.slug)
     if broker_url:
         result['brokerUrl'] = broker_url
@@ -194,7 +194,7 @@ def revoke_member(mesh, member):
     row = _find_member(mesh, member)
     if row.revoked_at is None:
         with store.writing():
-            (store.Member.update(revoked_at=protocol.utcnow())
+            (store.Member.update(revoked_at=clock.utcnow())
              .where(store.Member.id == row.id).execute())
     return {'meshId': mesh.id, 'memberId': row.id, 'revoked': True}
 

@@ -6,6 +6,7 @@ Replies use the claudemesh broker's real shapes (`state_result`, `memory_stored.
 (case-insensitive), newest first, 20 at most, on SQLite and PostgreSQL alike.
 """
 from meshd.broker import protocol, store
+from meshd import clock
 
 RECALL_LIMIT = 20
 UNKNOWN = 'unknown'
@@ -57,7 +58,7 @@ class DataVerbs(object):
         name = _member_name(entry)
         S = store.MeshState
         fields = dict(value=store.dumps(value), updated_by_presence=entry.presence_id,
-                      updated_by_name=name, updated_at=protocol.utcnow())
+                      updated_by_name=name, updated_at=clock.utcnow())
         with store.writing():
             if not S.update(**fields).where((S.mesh_id == entry.mesh_id) & (S.key == key)).execute():
                 S.create(mesh_id=entry.mesh_id, key=key, **fields)
@@ -93,7 +94,7 @@ class DataVerbs(object):
             store.Memory.create(id=memory_id, mesh_id=entry.mesh_id, content=content,
                                 tags=store.dumps([str(t) for t in tags]),
                                 remembered_by=entry.member_id, remembered_by_name=_member_name(entry),
-                                remembered_at=protocol.utcnow())
+                                remembered_at=clock.utcnow())
         entry.send(_with_req({'type': 'memory_stored', 'id': memory_id}, frame))
 
     def recall(self, entry, frame):
@@ -120,7 +121,7 @@ class DataVerbs(object):
         if isinstance(memory_id, str):
             M = store.Memory
             with store.writing():
-                (M.update(forgotten_at=protocol.utcnow())
+                (M.update(forgotten_at=clock.utcnow())
                  .where((M.id == memory_id) & (M.mesh_id == entry.mesh_id) & M.forgotten_at.is_null())
                  .execute())
         entry.send(_with_req({'type': 'ack', 'id': memory_id, 'messageId': memory_id,
@@ -133,7 +134,7 @@ class DataVerbs(object):
         if not isinstance(name, str) or not name:
             return _invalid(entry, frame, 'name required')
         K = store.Skill
-        now = protocol.utcnow()
+        now = clock.utcnow()
         tags = frame.get('tags') if isinstance(frame.get('tags'), list) else []
         fields = dict(description=str(frame.get('description') or ''),
                       instructions=str(frame.get('instructions') or ''),

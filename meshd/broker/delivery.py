@@ -17,6 +17,7 @@ import gevent.pool
 
 from meshd.broker import protocol, store
 from meshd.broker.presence import ROLE_MEMBER, group_targets
+from meshd import clock
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class Delivery(object):
     def _created_at(self):
         """Now, but strictly later than the last send's: drains read in created_at order,
         and sends accepted in one millisecond had only their random ids to order them."""
-        now = protocol.utcnow()
+        now = clock.utcnow()
         if self._last_created is not None and now <= self._last_created:
             now = self._last_created + datetime.timedelta(microseconds=1)
         self._last_created = now
@@ -266,7 +267,7 @@ class Delivery(object):
         """
         pushed = 0
         while entry.is_live:
-            now = protocol.utcnow()
+            now = clock.utcnow()
             rows = self._claim_batch(entry, now, unclaimed_only)
             if not rows:
                 break
@@ -336,10 +337,10 @@ class Delivery(object):
         # sender's DM delivered, unread. Without a broker id, only a row this presence
         # holds the claim of (one that was pushed to it) can be acked by its client id.
         if bmid is not None:
-            match, params = 'id = ?', [protocol.utcnow(), entry.mesh_id, bmid]
+            match, params = 'id = ?', [clock.utcnow(), entry.mesh_id, bmid]
         else:
             match = 'client_message_id = ? AND claim_id = ?'
-            params = [protocol.utcnow(), entry.mesh_id, cmid, entry.presence_id]
+            params = [clock.utcnow(), entry.mesh_id, cmid, entry.presence_id]
         own = sorted(entry.keys() | {'*'})
         params.extend(own)
         sql = ('UPDATE message_queue SET delivered_at = ?, claimed_at = NULL, claim_id = NULL, '
@@ -398,7 +399,7 @@ class Delivery(object):
         through the meshd extension `undelivered` (notify_undelivered); the rows stay until
         then, or for one more TTL. Returns {reason: count}.
         """
-        now = now or protocol.utcnow()
+        now = now or clock.utcnow()
         pending = ('delivered_at IS NULL AND undelivered_at IS NULL')
         with store.writing():
             expired = store.execute(
@@ -453,12 +454,12 @@ class Delivery(object):
         store.writer.submit(store.execute,
                             'UPDATE message_queue SET sender_notified_at = ? WHERE id = ? '
                             'AND sender_member_id = ? AND undelivered_at IS NOT NULL',
-                            (protocol.utcnow(), row_id, entry.member_id))
+                            (clock.utcnow(), row_id, entry.member_id))
 
     def expire(self, now=None):
         """Hourly TTL sweep: drop delivered rows older than the TTL, undelivered rows once
         their sender was told (or one more TTL later), and old disconnected presences."""
-        now = now or protocol.utcnow()
+        now = now or clock.utcnow()
         MQ = store.MessageQueue
         cutoff = now - datetime.timedelta(seconds=self.dm_ttl)
         self.mark_undelivered(now)

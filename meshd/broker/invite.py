@@ -7,7 +7,7 @@ import datetime
 import logging
 import re
 
-from meshd import crypto
+from meshd import clock, crypto
 from meshd.broker import protocol, store
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def mint(mesh, broker_url, expires_at_s, role='member', max_uses=1, preset=None,
             break
         expires_at_s -= 1
     code = protocol.new_id(8) if with_code else None
-    now = now or protocol.utcnow()
+    now = now or clock.utcnow()
     with store.writing():
         store.Invite.create(
             id=protocol.new_id(), mesh_id=mesh.id, token=token,
@@ -59,7 +59,7 @@ def join(body, now=None):
     if not isinstance(pubkey, str) or not ANY_HEX64.match(pubkey):
         return _error(BAD_PUBKEY_ERROR)
     pubkey = pubkey.lower()
-    now = now or protocol.utcnow()
+    now = now or clock.utcnow()
     # 1. the owner's signature over the canonical string rebuilt from the payload
     try:
         text = crypto.invite_v1_text(payload)

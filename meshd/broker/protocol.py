@@ -4,12 +4,13 @@ Every builder returns a dict whose key order is the reference's, so that `encode
 JSON, non-ASCII unescaped) gives the same bytes as the claudemesh broker. Optional fields the
 reference leaves `undefined` are absent; fields it sends as `null` are present as None.
 """
-import datetime
 import json
 import math
 import secrets
 import string
 import uuid
+
+from meshd import clock
 
 # Close codes and reasons (spec/wire.md §1, "Close codes the broker uses").
 CLOSE_NORMAL = 1000
@@ -105,16 +106,6 @@ def iso(dt):
     return dt.strftime('%Y-%m-%dT%H:%M:%S.') + '%03dZ' % (dt.microsecond // 1000)
 
 
-def utcnow():
-    """Naive UTC now; every timestamp the broker stores is naive UTC."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-
-
-def now_ms():
-    """Milliseconds since the epoch, as the hello skew check reads them."""
-    return int(datetime.datetime.now(datetime.timezone.utc).timestamp() * 1000)
-
-
 def is_finite_number(value):
     """JS's Number.isFinite on a parsed JSON value (bools and strings are not numbers)."""
     if isinstance(value, bool):
@@ -177,7 +168,7 @@ def system_push(event, event_data, mesh_id, priority='low'):
     return {
         'type': 'push', 'subtype': 'system', 'event': event, 'eventData': event_data,
         'messageId': str(uuid.uuid4()), 'meshId': mesh_id, 'senderPubkey': 'system',
-        'priority': priority, 'nonce': '', 'ciphertext': '', 'createdAt': iso(utcnow()),
+        'priority': priority, 'nonce': '', 'ciphertext': '', 'createdAt': iso(clock.utcnow()),
     }
 
 

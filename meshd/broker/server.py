@@ -20,7 +20,7 @@ import gevent.pool
 from gevent import monkey
 from gevent.pywsgi import WSGIServer
 
-from meshd import systemd, timings as timings_mod
+from meshd import clock, systemd, timings as timings_mod
 from meshd.broker import admission as admission_mod
 from meshd.broker import delivery as delivery_mod
 from meshd.broker import handshake, protocol, store
@@ -150,7 +150,7 @@ class BrokerServer(object):
         # 'before_bind' with the presence a hello is about to reattach.
         self.fault_hooks = {}
         # Test seam: the clock the hello skew and attestation checks read (ms since the epoch).
-        self.clock_ms = protocol.now_ms
+        self.clock_ms = clock.now_ms
         self._stop = gevent.event.Event()
         self._server = None
         self._writer = None
@@ -295,7 +295,7 @@ class BrokerServer(object):
         try:
             with store.connection():
                 with store.writing():
-                    (store.Presence.update(disconnected_at=protocol.utcnow())
+                    (store.Presence.update(disconnected_at=clock.utcnow())
                      .where(store.Presence.disconnected_at.is_null())
                      .execute())
         except Exception:
@@ -310,7 +310,7 @@ class BrokerServer(object):
 
     def _startup_cleanup(self):
         # A previous process may have died without its shutdown path (§7.6).
-        now = protocol.utcnow()
+        now = clock.utcnow()
         with store.writing():
             (store.Presence.update(disconnected_at=now)
              .where(store.Presence.disconnected_at.is_null()).execute())
@@ -542,7 +542,7 @@ class BrokerServer(object):
 
     def _bind_and_ack(self, conn, frame, kind, mesh, member, reattach):
         ws = conn.ws
-        now = protocol.utcnow()
+        now = clock.utcnow()
         peer_state = None
         if kind == 'hello':
             peer_state = store.PeerState.get_or_none(
@@ -692,7 +692,7 @@ class BrokerServer(object):
         if not self.registry.contains(entry) or entry.ws is not ws:
             return      # a newer socket took over, or the entry was removed already
         entry.detach()
-        entry.offline_since = protocol.utcnow()
+        entry.offline_since = clock.utcnow()
         try:
             if entry.role == ROLE_MEMBER:
                 self._save_peer_state(entry)
@@ -707,7 +707,7 @@ class BrokerServer(object):
     def _start_grace(self, entry):
         token = object()
         entry.grace_token = token
-        entry.offline_since = protocol.utcnow()
+        entry.offline_since = clock.utcnow()
         if not self._stopped:
             entry.grace_timer = self.spawn_later(self.t['broker_grace'], 'grace', self._evict,
                                                  entry, token)
@@ -753,12 +753,12 @@ class BrokerServer(object):
 
     def _mark_disconnected(self, entry):
         with store.writing():
-            (store.Presence.update(disconnected_at=protocol.utcnow())
+            (store.Presence.update(disconnected_at=clock.utcnow())
              .where(store.Presence.id == entry.presence_id).execute())
 
     def _save_peer_state(self, entry):
         P = store.PeerState
-        now = protocol.utcnow()
+        now = clock.utcnow()
         fields = dict(groups=store.dumps(entry.groups), profile=store.dumps(entry.profile),
                       visible=entry.visible, last_summary=entry.summary,
                       last_display_name=entry.display_name,
@@ -790,7 +790,7 @@ class BrokerServer(object):
                 ws.ping()
 
     def _sweep_step(self):
-        now = protocol.utcnow()
+        now = clock.utcnow()
         self.delivery.release_orphans()
         self.delivery.mark_undelivered(now)
         entries = self.registry.all()
@@ -884,7 +884,7 @@ class BrokerServer(object):
         status = frame.get('status')
         if status not in protocol.STATUSES:
             return
-        now = protocol.utcnow()
+        now = clock.utcnow()
         entry.status, entry.status_source, entry.status_updated_at = status, 'manual', now
         self._update_presence(entry, status=status, status_source='manual', status_updated_at=now)
         self.delivery.drain(entry)
@@ -951,7 +951,7 @@ class BrokerServer(object):
         pid = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
         if not self.hook_limiter.take('%s:%s' % (pid, cwd)):
             return 429, {'ok': False, 'error': 'rate limited'}
-        now = protocol.utcnow()
+        now = clock.utcnow()
         candidates = [e for e in self.registry.all() if e.cwd == cwd]
         entry = next((e for e in candidates if pid is not None and e.pid == pid), None)
         if entry is None and candidates:
@@ -997,7 +997,7 @@ class BrokerServer(object):
         stale = frame.get('stale')
         if protocol.is_finite_number(stale) and stale > 0:
             # Beyond ten years nothing is that stale; a larger number overflows a timedelta.
-            cutoff = protocol.utcnow() - datetime.timedelta(milliseconds=min(stale, MAX_STALE_MS))
+            cutoff = clock.utcnow() - datetime.timedelta(milliseconds=min(stale, MAX_STALE_MS))
             rows = {p.id for p in store.Presence.select(store.Presence.id)
                     .where(store.Presence.id.in_([e.presence_id for e in entries] or [''])
                            & (store.Presence.last_ping_at < cutoff))}
@@ -1056,7 +1056,7 @@ class BrokerServer(object):
         if member.id == entry.member_id:
             return entry.send(protocol.error('invalid', 'cannot ban yourself', req_id=req_id))
         with store.writing():
-            M.update(revoked_at=protocol.utcnow()).where(M.id == member.id).execute()
+            M.update(revoked_at=clock.utcnow()).where(M.id == member.id).execute()
         for other in self.registry.in_mesh(entry.mesh_id):
             if other.member_id == member.id:
                 self._remove(other, protocol.CLOSE_BANNED, protocol.REASON_BANNED)

@@ -17,8 +17,9 @@ import urllib.request
 
 import websocket
 
+from meshd import clock
 from meshd import crypto
-from meshd.broker import admin, protocol, store
+from meshd.broker import admin, store
 from meshd.broker.server import BrokerServer
 from tests.base import wait_for  # noqa: F401 - the broker tests import it from here
 
@@ -64,7 +65,7 @@ _last_ts = [0]
 def fresh_ts():
     """Now in ms, never the same twice: the broker refuses a replayed hello signature, and
     two hellos of one key signed in the same millisecond would carry the same one."""
-    _last_ts[0] = max(protocol.now_ms(), _last_ts[0] + 1)
+    _last_ts[0] = max(clock.now_ms(), _last_ts[0] + 1)
     return _last_ts[0]
 
 

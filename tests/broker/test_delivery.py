@@ -3,6 +3,7 @@ import json
 import unittest
 import uuid
 
+from meshd import clock
 from meshd import crypto
 from meshd.broker import protocol, store
 from tests.broker.base import BrokerTestMixin, wait_for
@@ -224,7 +225,7 @@ class DeliveryMixin(BrokerTestMixin):
         self.send_ok(alice_peer, dm_frame(self.alice.sec, self.bob.pub, 'no ack'))
         bob_peer.expect('push')
         with store.connection():
-            wait_for(lambda: self.queue_rows()[0].claim_expires_at < protocol.utcnow())
+            wait_for(lambda: self.queue_rows()[0].claim_expires_at < clock.utcnow())
             self.broker._sweep_step()
         bob_peer.expect_nothing()
         bob_peer.send({'type': 'set_status', 'status': 'idle'})     # a real drain trigger

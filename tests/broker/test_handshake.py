@@ -2,6 +2,7 @@
 import json
 import unittest
 
+from meshd import clock
 from meshd import crypto
 from meshd.broker import protocol, store
 from meshd.broker.presence import OFFLINE
@@ -121,7 +122,7 @@ class HandshakeMixin(BrokerTestMixin):
 
     def test_revoked_member_gets_4002(self):
         with store.connection():
-            store.Member.update(revoked_at=protocol.utcnow()).where(
+            store.Member.update(revoked_at=clock.utcnow()).where(
                 store.Member.id == self.alice.member_id).execute()
         self.rejected(hello_frame(self.alice), 'revoked',
                       'You\'ve been removed from "Test Mesh". Contact the mesh owner to rejoin.',

@@ -8,8 +8,9 @@ import time
 import unittest
 from unittest import mock
 
+from meshd import clock
 from meshd import crypto, invite as client
-from meshd.broker import admin, cli, protocol, store
+from meshd.broker import admin, cli, store
 from meshd.exceptions import InviteError
 from tests.broker.base import BrokerTestMixin, hello_frame, Identity
 
@@ -80,7 +81,7 @@ class HttpMixin(BrokerTestMixin):
     def test_expired_invite(self):
         minted = self.mint()
         with store.connection():
-            store.Invite.update(expires_at=protocol.utcnow()).execute()
+            store.Invite.update(expires_at=clock.utcnow()).execute()
         self.assertEqual(self.http_post('/join', self.join_body(minted))[1]['error'], 'invite_expired')
 
     def test_body_limit(self):

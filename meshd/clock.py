@@ -1,0 +1,32 @@
+"""The one clock of meshd: wall-clock time as the daemon and the broker store and show it.
+
+Daemon rows keep Unix epoch milliseconds (`now_ms`); the broker's rows keep naive UTC
+datetimes (`utcnow`), as its peewee models always did; both are shown as ISO-8601 with
+milliseconds and a Z, the way JavaScript's toISOString writes them (`iso_from_ms`).
+"""
+import datetime
+import time
+
+
+def now_ms():
+    """The current time in Unix epoch milliseconds."""
+    return int(time.time() * 1000)
+
+
+def utcnow():
+    """Naive UTC now: every timestamp the broker stores is naive UTC."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def iso_from_ms(ms):
+    """ISO time of `ms` (epoch milliseconds; None means now), as JavaScript's toISOString."""
+    if ms is None:
+        moment = datetime.datetime.now(datetime.timezone.utc)
+    else:
+        moment = datetime.datetime.fromtimestamp(ms / 1000.0, datetime.timezone.utc)
+    return moment.isoformat(timespec='milliseconds').replace('+00:00', 'Z')
+
+
+def iso_now():
+    """Now as UTC ISO-8601 with milliseconds and a Z suffix."""
+    return iso_from_ms(None)
