@@ -23,27 +23,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from rpc.client import RpcClient, RpcConnectionError  # noqa: E402
-from storage import db as storage_db  # noqa: E402
-from storage import migrations  # noqa: E402
-from storage.models import Inbox  # noqa: E402
+from storage import migrate  # noqa: E402
+from storage.migrations import MIGRATIONS  # noqa: E402
+from storage.models import Inbox, database  # noqa: E402
+from storage.store import Store  # noqa: E402
 from meshd.clock import now_ms  # noqa: E402
 
 DAY_MS = 24 * 3600 * 1000
 
 
 def fill(path, count):
-    storage_db.open_database(path)
-    migrations.migrate(storage_db.db, path)
+    store = Store(database).open_sqlite(path)
+    migrate.migrate(store, MIGRATIONS, incremental_vacuum=True)
     old = now_ms() - 31 * DAY_MS
     rows = [{'id': str(uuid.uuid4()), 'client_message_id': str(uuid.uuid4()), 'mesh': 'team',
              'sender_pubkey': 'ab' * 32, 'sender_name': 'peer', 'body': 'x' * 300,
              'received_at': old + i, 'recipient_pubkey': 'cd' * 32, 'recipient_kind': 'member'}
             for i in range(count)]
-    with storage_db.writing():
+    with store.writing():
         for start in range(0, count, 1000):
             Inbox.insert_many(rows[start:start + 1000]).execute()
-    storage_db.db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)')
-    storage_db.close_database()
+    store.database.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)')
+    store.close()
 
 
 def log_times(path, name):
@@ -104,9 +105,9 @@ def main(count):
             print('the prune finished before the socket answered; try a larger N')
             return
         p99 = during[min(len(during) - 1, int(len(during) * 0.99))]
-        storage_db.open_database(db_path)
-        storage_db.db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)')
-        storage_db.close_database()
+        store = Store(database).open_sqlite(db_path)
+        store.database.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)')
+        store.close()
         print('rows pruned: %d; prune ran %.2f s after start' % (count, end - started))
         print('daemon.version while pruning: %d calls, longest %.1f ms, p99 %.1f ms'
               % (len(during), during[-1] * 1000, p99 * 1000))

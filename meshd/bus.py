@@ -7,8 +7,7 @@ subscriber is isolated from the others.
 import json
 import logging
 
-from storage import db as storage_db
-from storage.models import EVENT_LOG_KEEP, Event
+from storage.models import Event
 
 from meshd.clock import iso_now
 
@@ -18,17 +17,18 @@ TRIM_EVERY = 100
 
 
 class EventBus:
-    """Appends events to the log and fans them out to subscribers."""
+    """Appends events to the log of `store` and fans them out to subscribers."""
 
-    def __init__(self, epoch):
+    def __init__(self, store, epoch):
+        self.store = store
         self.epoch = epoch
         self._subscribers = []
         self._inserts = 0
 
     def reset_log(self):
         """Empty the log at start: events of an earlier epoch are never replayed."""
-        with storage_db.writing():
-            Event.delete().execute()
+        with self.store.writing():
+            Event.clear()
 
     def append(self, kind, data):
         """Write the event row (inside the caller's transaction, if any); return the event."""
@@ -36,20 +36,18 @@ class EventBus:
         mesh = data.get('mesh') if isinstance(data.get('mesh'), str) else None
         values = (self.epoch, kind, ts, mesh, data.get('recipient_kind'),
                   data.get('recipient_pubkey'), json.dumps(data, ensure_ascii=False))
-        if storage_db.in_write():
+        if self.store.in_write():
             seq = self._insert(values)  # the caller's transaction: no savepoint of its own
         else:
-            with storage_db.writing():
+            with self.store.writing():
                 seq = self._insert(values)
         return {'seq': seq, 'epoch': self.epoch, 'kind': kind, 'ts': ts, 'data': data}
 
     def _insert(self, values):
-        seq = storage_db.db.execute_sql(
-            'INSERT INTO "events" ("epoch", "kind", "ts", "mesh", "recipient_kind", '
-            '"recipient_pubkey", "data") VALUES (?, ?, ?, ?, ?, ?, ?)', values).lastrowid
+        seq = Event.append(*values)
         self._inserts += 1
         if self._inserts % TRIM_EVERY == 0:
-            self.trim(seq)
+            Event.trim(seq)
         return seq
 
     def deliver(self, event):
@@ -61,17 +59,20 @@ class EventBus:
                 log.exception('event subscriber failed')
 
     def publish(self, kind, data):
-        """Append, then deliver. Call it outside any transaction."""
-        event = self.append(kind, data)
+        """Append, then deliver; a failure is logged, never raised. Call it outside any
+        transaction."""
+        try:
+            event = self.append(kind, data)
+        except Exception:
+            log.exception('event publish failed')
+            return None
         self.deliver(event)
         return event
 
-    def trim(self, newest=None):
-        """Keep the newest EVENT_LOG_KEEP rows; return how many were removed."""
-        with storage_db.writing():
-            if newest is None:
-                newest = Event.newest_seq()
-            return Event.delete().where(Event.seq <= newest - EVENT_LOG_KEEP).execute()
+    def trim(self):
+        """Keep the newest rows of the log; return how many were removed."""
+        with self.store.writing():
+            return Event.trim()
 
     def subscribe(self, callback):
         """Register `callback(event)`; returns a function that unregisters it."""
@@ -88,12 +89,12 @@ class EventBus:
 
     def replay(self, since_seq):
         """Retained events after `since_seq`, oldest first, as event dicts."""
-        with storage_db.reading():
-            rows = list(Event.after(since_seq).where(Event.epoch == self.epoch))
+        with self.store.reading():
+            rows = Event.after(since_seq, self.epoch)
         return [{'seq': row.seq, 'epoch': row.epoch, 'kind': row.kind, 'ts': row.ts,
                  'data': json.loads(row.data)} for row in rows]
 
     def bounds(self):
         """(oldest retained seq or None, newest seq or 0)."""
-        with storage_db.reading():
+        with self.store.reading():
             return Event.oldest_seq(), Event.newest_seq()

@@ -176,7 +176,8 @@ def up(*, foreground=False, tcp=False, no_tcp=False, tcp_port=None, clone_policy
 
 
 def _run_foreground(paths, options):
-    from meshd.daemon import Daemon, DaemonExit
+    from meshd.daemon import Daemon
+    from meshd.exceptions import DaemonExit
     meshd_log.setup(debug=bool(os.environ.get('MESHD_DEBUG')))
     daemon = Daemon(paths, options)
     try:

@@ -26,6 +26,7 @@ NONCE_BYTES = 24
 SESSION_ATTEST_PREFIX = 'claudemesh-session-attest'
 SESSION_HELLO_PREFIX = 'claudemesh-session-hello'
 FINGERPRINT_VERSION = '1'
+ATTESTATION_TTL_MS = 12 * 3600 * 1000   # how long a parent attestation the daemon signs lasts
 
 
 class DecryptError(Exception):
@@ -142,6 +143,30 @@ def make_attestation(member_pub_hex, member_sec_hex, session_pub_hex, expires_at
         'expiresAt': int(expires_at_ms),
         'signature': sign_hex(member_sec_hex, text),
     }
+
+
+# The wire names an attestation's fields in camelCase; the local API in snake_case.
+_ATTESTATION_NAMES = (('sessionPubkey', 'session_pubkey'),
+                      ('parentMemberPubkey', 'parent_member_pubkey'),
+                      ('expiresAt', 'expires_at'), ('signature', 'signature'))
+
+
+def attestation_to_api(wire):
+    """An attestation as the local API spells it."""
+    return {api: wire[name] for name, api in _ATTESTATION_NAMES}
+
+
+def attestation_to_wire(api):
+    """An attestation as the broker protocol spells it."""
+    return {name: api[api_name] for name, api_name in _ATTESTATION_NAMES}
+
+
+def session_presence(member_pub_hex, member_sec_hex, session_pub_hex, session_sec_hex,
+                     now_ms, ttl_ms=ATTESTATION_TTL_MS):
+    """A session's presence for sessions.register: its keypair and a fresh attestation."""
+    wire = make_attestation(member_pub_hex, member_sec_hex, session_pub_hex, now_ms + ttl_ms)
+    return {'session_pubkey': session_pub_hex, 'session_secret_key': session_sec_hex,
+            'parent_attestation': attestation_to_api(wire)}
 
 
 # ----------------------------------------------------------------------------- DMs and multicast

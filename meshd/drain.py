@@ -7,14 +7,17 @@ with acks matched by id, and never selects rows of a link that is not open, so o
 unreachable mesh or session delays only its own rows (DESIGN.md 15). Rows of one link are
 claimed and written in acceptance order. A pass claims its rows in one transaction and
 outcomes go through the group writer, so a busy drain costs few commits; no network I/O
-happens inside a transaction.
+happens inside a transaction. The drain sees the daemon through what its constructor
+gives it: the store, the LinkTable, its timings and the supervisor that runs the sends.
 """
 import logging
 import re
 
-from storage import db as storage_db
+import gevent.event
 from storage.models import Outbox
-from meshd import clock
+
+from meshd import clock, wire
+from meshd.greenlets import LOG
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +25,6 @@ BATCH = 32
 INFLIGHT_LEASE_MS = 30000
 MAX_BACKOFF_MS = 300000
 RATE_LIMIT_RETRY_MS = 1000
-FRAME_LIMIT = 65536
 
 # One classifier for both link kinds (spec/daemon.md §5.3): these ack errors are final.
 _PERMANENT = re.compile(r'payload[ _]too[ _]large|forbidden|not_found|not_authorized|invalid|'
@@ -41,29 +43,35 @@ def backoff_ms(attempts, retry_after_ms=0):
 class Drain:
     """`step()` runs one pass; `run()` loops until the daemon stops."""
 
-    def __init__(self, daemon):
-        self.daemon = daemon
-        self.window = int(daemon.timings['drain_window'])
-        self.wakeup = daemon.drain_wakeup
-        self._sends = daemon.group
+    def __init__(self, store, links, timings, supervisor):
+        self.store = store
+        self.links = links
+        self.timings = timings
+        self.supervisor = supervisor
+        self.window = int(timings['drain_window'])
+        self.wakeup = gevent.event.Event()
         self._expired_at = 0
 
-    def run(self, stop):
-        while not stop.is_set():
+    def wake(self):
+        """Run a pass now (a row was accepted, a link opened, a send ended)."""
+        self.wakeup.set()
+
+    def run(self):
+        while not self.supervisor.stopping.is_set():
             self.wakeup.clear()
             try:
                 self.step()
             except Exception:
                 log.exception('drain_tick_failed')
-            self.wakeup.wait(self.daemon.timings['drain_poll'])
+            self.wakeup.wait(self.timings['drain_poll'])
 
     def step(self, now=None):
         now = clock.now_ms() if now is None else now
-        housekeeping = now - self._expired_at >= self.daemon.timings['drain_expire_interval'] * 1000
+        housekeeping = now - self._expired_at >= self.timings['drain_expire_interval'] * 1000
         if housekeeping:
             self._expired_at = now  # a pass per second is enough; it is a write transaction
             self._expire(now)
-        with storage_db.reading():
+        with self.store.reading():
             rows = self._due(now)
             if housekeeping:
                 rows.extend(self._unroutable(now))
@@ -76,7 +84,8 @@ class Drain:
                 continue
             if kind == 'send':
                 link.in_flight += 1
-                self._sends.spawn(self._dispatch, link, row)
+                self.supervisor.spawn('send:%s' % row.id[:8], self._dispatch, link, row,
+                                      on_crash=LOG)
             elif kind == 'no_mesh':
                 log.warning('drain_no_broker_for_mesh', extra={'fields': {'id': row.id,
                                                                           'mesh': row.mesh}})
@@ -94,49 +103,34 @@ class Drain:
         full or backed up costs the others nothing, and no pass sorts the whole queue.
         """
         rows = []
-        for link in self._links():
+        for link in self.links.all():
             room = self.window - link.in_flight
             if not link.is_open or room <= 0:
                 continue
-            session = getattr(link, 'pubkey', None) if link.kind == 'session' else None
-            rows.extend(Outbox.raw(
-                'SELECT * FROM "outbox" INDEXED BY "outbox_link_queue" '
-                'WHERE "status" = \'pending\' AND "mesh" = ? AND "sender_session_pubkey" IS ? '
-                'AND "next_attempt_at" <= ? ORDER BY "outbox".rowid LIMIT ?',
-                link.mesh['slug'], session, now, room))
+            session = link.pubkey if link.kind == 'session' else None
+            rows.extend(Outbox.due_for_link(link.mesh['slug'], session, now, room))
         return rows
-
-    def _links(self):
-        return list(self.daemon.links.values()) + list(self.daemon.session_links.values())
 
     def _unroutable(self, now):
         """Due rows no link will ever read: their mesh was left or their session is gone."""
-        meshes = list(self.daemon.links)
-        sessions = [link.pubkey for link in self.daemon.session_links.values()]
-        query = (Outbox.select()
-                 .where((Outbox.status == 'pending') & (Outbox.next_attempt_at <= now)
-                        & (Outbox.mesh.not_in(meshes)
-                           | (Outbox.sender_session_pubkey.is_null(False)
-                              & Outbox.sender_session_pubkey.not_in(sessions))))
-                 .order_by(Outbox.enqueued_at, Outbox.id)
-                 .limit(BATCH))
-        return list(query)
+        return Outbox.unroutable(list(self.links.members), [
+            link.pubkey for link in self.links.sessions.values()], now, BATCH)
 
     def _plan(self, rows):
         """(row, (action, link)) for the rows this pass will claim, in acceptance order."""
         planned = {}
         for row in rows:
-            if self.daemon.links.get(row.mesh) is None:
+            if self.links.member(row.mesh) is None:
                 yield row, ('no_mesh', None)
                 continue
             if row.sender_session_pubkey:
-                link = self.daemon.session_link_by_pubkey(row.sender_session_pubkey)
+                link = self.links.session_by_pubkey(row.sender_session_pubkey)
                 if link is None:
                     # Never fall back to the member link: the row is sealed by the session.
                     yield row, ('no_session', None)
                     continue
             else:
-                link = self.daemon.links[row.mesh]
+                link = self.links.member(row.mesh)
             taken = planned.get(id(link), 0)
             if not link.is_open or link.in_flight + taken >= self.window:
                 continue
@@ -150,25 +144,12 @@ class Drain:
         If the commit is lost (crash, rolled-back batch) the rows are still pending and go
         out again with the same client_message_id, which the broker deduplicates.
         """
-        return storage_db.writer.execute(self._claim_all, ids, now)
-
-    @staticmethod
-    def _claim_all(ids, now):
-        """Claim the still-pending rows among `ids`; return the ids claimed."""
-        cursor = storage_db.db.execute_sql(
-            'UPDATE "outbox" SET "status" = \'inflight\', "attempts" = "attempts" + 1, '
-            '"next_attempt_at" = ? WHERE "status" = \'pending\' AND "id" IN (%s) RETURNING "id"'
-            % ', '.join('?' * len(ids)), [now + INFLIGHT_LEASE_MS] + list(ids))
-        return {row[0] for row in cursor.fetchall()}
+        return self.store.writer.execute(Outbox.claim, ids, now, INFLIGHT_LEASE_MS)
 
     def _dispatch(self, link, row):
         try:
-            frame = {'type': 'send', 'id': row.client_message_id,
-                     'client_message_id': row.client_message_id,
-                     'request_fingerprint': bytes(row.request_fingerprint).hex(),
-                     'targetSpec': row.target_spec,
-                     'priority': row.priority if row.priority in ('now', 'low') else 'next',
-                     'nonce': row.nonce, 'ciphertext': row.ciphertext}
+            frame = wire.send_frame(row.client_message_id, bytes(row.request_fingerprint),
+                                    row.target_spec, row.priority, row.nonce, row.ciphertext)
             try:
                 result = link.send_message(frame)
             except Exception as exc:
@@ -208,11 +189,11 @@ class Drain:
 
     def _link_of(self, row):
         if row.sender_session_pubkey:
-            return self.daemon.session_link_by_pubkey(row.sender_session_pubkey)
-        return self.daemon.links.get(row.mesh)
+            return self.links.session_by_pubkey(row.sender_session_pubkey)
+        return self.links.member(row.mesh)
 
     def _frame_too_large(self, row):
-        return len(row.ciphertext) + len(row.nonce) + 300 > FRAME_LIMIT
+        return len(row.ciphertext) + len(row.nonce) + 300 > wire.FRAME_LIMIT
 
     def _retry(self, row_id, attempts, expires_at, error, now, retry_after=0):
         if now >= expires_at:
@@ -222,20 +203,11 @@ class Drain:
         self._finish(row_id, 'pending', last_error=error,
                      next_attempt_at=now + backoff_ms(attempts, retry_after))
 
-    @staticmethod
-    def _finish(row_id, status, **fields):
-        """The outcome of an inflight row (hand-written SQL: one per message sent)."""
-        fields['status'] = status
-        storage_db.write(storage_db.db.execute_sql,
-                         'UPDATE "outbox" SET %s WHERE "id" = ? AND "status" = \'inflight\''
-                         % ', '.join('"%s" = ?' % name for name in fields),
-                         list(fields.values()) + [row_id])
+    def _finish(self, row_id, status, **fields):
+        """The outcome of an inflight row (one write per message sent)."""
+        self.store.write(Outbox.finish, row_id, status, **fields)
 
-    @staticmethod
-    def _expire(now):
-        expired = storage_db.write(lambda: (Outbox.update(status='dead', last_error='expired')
-                                            .where((Outbox.status == 'pending')
-                                                   & (Outbox.expires_at <= now))
-                                            .execute()))
+    def _expire(self, now):
+        expired = self.store.write(Outbox.expire_pending, now)
         if expired:
             log.warning('drain_expired', extra={'fields': {'count': expired}})

@@ -72,10 +72,13 @@ class Supervisor:
         caller while `size` are running, which is the backpressure on whoever feeds it."""
         return TaskPool(self, size, name)
 
-    def stop(self, timeout):
-        """Set the stop event, let loops finish their step, then kill what remains."""
+    def stop(self, timeout, join_first=False):
+        """Set the stop event and kill what runs; with `join_first`, greenlets first get
+        `timeout` to finish what they are doing (a step inside a query must not be killed
+        half way through its transaction)."""
         self.stopping.set()
-        self.group.join(timeout=timeout)
+        if join_first:
+            self.group.join(timeout=timeout)
         self.group.kill(timeout=timeout)
 
     def kill(self, timeout):

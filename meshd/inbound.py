@@ -6,8 +6,9 @@ base64 plaintext. The row is recipient-scoped by the key that opened it and dedu
 link of a member become one row, and no sender can suppress another's message by reusing
 its id (DESIGN.md 6). A push carries no target, so a plaintext body cannot be told from a
 broadcast by its frame: only a body that opened with crypto_box from the stated sender is
-`e2e`, and every other row is shown as a broadcast, never as a private message. The client_ack goes out after the inbox commit, for duplicates too, so the
-broker stops re-pushing; the event is published only for a new row.
+`e2e`, and every other row is shown as a broadcast, never as a private message. The
+client_ack goes out after the inbox commit, for duplicates too, so the broker stops
+re-pushing; the event is published only for a new row.
 """
 import base64
 import binascii
@@ -15,7 +16,7 @@ import json
 import logging
 import uuid
 
-from storage import db as storage_db
+from storage.models import Inbox
 
 from meshd import clock, crypto
 
@@ -29,45 +30,70 @@ def _text(value):
     return value if isinstance(value, str) and value != '' else None
 
 
-def handle_push(daemon, link, frame, session_secret=None):
-    """Store, acknowledge and publish one push that arrived on `link`."""
-    if frame.get('subtype') == 'system' or frame.get('senderPubkey') == 'system':
-        _handle_system(daemon, link, frame)
-        return
-    if frame.get('type') != 'push':
-        return  # `inbound` is accepted by the links but carries nothing to store
-    mesh = link.mesh
-    sender = (_text(frame.get('senderPubkey')) or '').lower()
-    nonce, ciphertext = _text(frame.get('nonce')), _text(frame.get('ciphertext'))
-    body, recipient_kind, recipient_pubkey, failed, sealed = _open(
-        mesh, link, sender, nonce, ciphertext, session_secret)
-    broker_id = _text(frame.get('messageId'))
-    cmid = _text(frame.get('client_message_id')) or broker_id or str(uuid.uuid4())
-    created_at = _text(frame.get('createdAt'))
-    row = dict(id=str(uuid.uuid4()), client_message_id=cmid, broker_message_id=broker_id,
-               mesh=mesh['slug'], topic=_text(frame.get('topic')), sender_pubkey=sender,
-               sender_name=_text(frame.get('senderName')) or sender[:8], body=body,
-               meta=json.dumps({'created_at': created_at}) if created_at else None,
-               received_at=clock.now_ms(), reply_to_id=_text(frame.get('replyToId')),
-               recipient_pubkey=recipient_pubkey, recipient_kind=recipient_kind,
-               decrypt_failed=1 if failed else 0, e2e=1 if sealed else 0)
-    def store():
-        # INSERT OR IGNORE on inbox_dedupe: one row changed is a new message, none a duplicate.
-        inserted = storage_db.db.execute_sql(
-            'INSERT OR IGNORE INTO "inbox" (%s) VALUES (%s)'
-            % (', '.join('"%s"' % name for name in row), ', '.join('?' * len(row))),
-            list(row.values())).rowcount
-        if inserted == 1:
-            return daemon.bus.append('message', _event_data(row, frame))
-        return None  # a duplicate: the row is already there
-    event = storage_db.write(store)
-    if failed:
-        log.warning('inbox_decrypt_failed', extra={'fields': {
-            'mesh': mesh['slug'], 'sender': sender[:12], 'recipient_kind': recipient_kind}})
-    if event is not None:
-        daemon.bus.deliver(event)
-    # After the commit, duplicates included: without it the broker re-pushes forever.
-    link.client_ack(_text(frame.get('client_message_id')), broker_id)
+class Inbound:
+    """Stores, acknowledges and publishes what the broker links receive.
+
+    `store` holds the inbox, `bus` publishes events, and `is_own_pubkey(key, slug)` tells
+    the daemon's own keys (its sessions joining or leaving are not news).
+    """
+
+    def __init__(self, store, bus, is_own_pubkey):
+        self.store = store
+        self.bus = bus
+        self.is_own_pubkey = is_own_pubkey
+
+    def handle_push(self, link, frame, session_secret=None):
+        """Store, acknowledge and publish one push that arrived on `link`."""
+        if frame.get('subtype') == 'system' or frame.get('senderPubkey') == 'system':
+            self._system(link, frame)
+            return
+        if frame.get('type') != 'push':
+            return  # `inbound` is accepted by the links but carries nothing to store
+        mesh = link.mesh
+        sender = (_text(frame.get('senderPubkey')) or '').lower()
+        nonce, ciphertext = _text(frame.get('nonce')), _text(frame.get('ciphertext'))
+        body, recipient_kind, recipient_pubkey, failed, sealed = _open(
+            mesh, link, sender, nonce, ciphertext, session_secret)
+        broker_id = _text(frame.get('messageId'))
+        cmid = _text(frame.get('client_message_id')) or broker_id or str(uuid.uuid4())
+        created_at = _text(frame.get('createdAt'))
+        row = dict(id=str(uuid.uuid4()), client_message_id=cmid, broker_message_id=broker_id,
+                   mesh=mesh['slug'], topic=_text(frame.get('topic')), sender_pubkey=sender,
+                   sender_name=_text(frame.get('senderName')) or sender[:8], body=body,
+                   meta=json.dumps({'created_at': created_at}) if created_at else None,
+                   received_at=clock.now_ms(), reply_to_id=_text(frame.get('replyToId')),
+                   recipient_pubkey=recipient_pubkey, recipient_kind=recipient_kind,
+                   decrypt_failed=1 if failed else 0, e2e=1 if sealed else 0)
+
+        def store():
+            if Inbox.insert_if_new(row):
+                return self.bus.append('message', _event_data(row, frame))
+            return None  # a duplicate: the row is already there
+        event = self.store.write(store)
+        if failed:
+            log.warning('inbox_decrypt_failed', extra={'fields': {
+                'mesh': mesh['slug'], 'sender': sender[:12], 'recipient_kind': recipient_kind}})
+        if event is not None:
+            self.bus.deliver(event)
+        # After the commit, duplicates included: without it the broker re-pushes forever.
+        link.client_ack(_text(frame.get('client_message_id')), broker_id)
+
+    def _system(self, link, frame):
+        if link.kind != 'member':
+            return
+        event = frame.get('event')
+        if not isinstance(event, str):
+            return
+        event_data = frame.get('eventData') if isinstance(frame.get('eventData'), dict) else {}
+        pubkey = event_data.get('pubkey')
+        link.forget_roster()  # a peer came, went or changed: the next resolution reads afresh
+        if isinstance(pubkey, str) and pubkey and self.is_own_pubkey(pubkey, link.mesh['slug']):
+            return  # our own sessions joining or leaving (1.34.9)
+        # The broker's fields first, ours last: eventData must not move the event to another
+        # mesh (the per-session stream filter keys on `mesh`).
+        data = dict(event_data)
+        data.update(mesh=link.mesh['slug'], event=event)
+        self.bus.publish(_SYSTEM_KINDS.get(event, 'system'), data)
 
 
 def _open(mesh, link, sender, nonce, ciphertext, session_secret):
@@ -110,21 +136,3 @@ def _event_data(row, frame):
     if _text(frame.get('subtype')):
         data['subtype'] = frame['subtype']
     return data
-
-
-def _handle_system(daemon, link, frame):
-    if link.kind != 'member':
-        return
-    event = frame.get('event')
-    if not isinstance(event, str):
-        return
-    event_data = frame.get('eventData') if isinstance(frame.get('eventData'), dict) else {}
-    pubkey = event_data.get('pubkey')
-    link.forget_roster()  # a peer came, went or changed: the next resolution reads afresh
-    if isinstance(pubkey, str) and pubkey and daemon.is_own_pubkey(pubkey, link.mesh['slug']):
-        return  # our own sessions joining or leaving (1.34.9)
-    # The broker's fields first, ours last: eventData must not move the event to another
-    # mesh (the per-session stream filter keys on `mesh`).
-    data = dict(event_data)
-    data.update(mesh=link.mesh['slug'], event=event)
-    daemon.publish_event(_SYSTEM_KINDS.get(event, 'system'), data)

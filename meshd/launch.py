@@ -11,15 +11,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import uuid
 
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
-from meshd import config as config_mod, crypto, keystore
+from meshd import clock, config as config_mod, crypto, keystore
 from meshd.exceptions import MeshdError
 
-ATTESTATION_TTL_MS = 12 * 3600 * 1000
 
 
 class LaunchError(MeshdError):
@@ -51,8 +49,8 @@ def run(paths, command, mesh=None, name=None, role=None, groups=None, resume=Non
     session_id = resume or str(uuid.uuid4())
     display_name = name or entry.get('displayName') or os.path.basename(os.getcwd()) or 'session'
     keypair = keystore.load_or_create(paths, slug, session_id)
-    wire = crypto.make_attestation(entry['pubkey'], entry['secretKey'], keypair.public_key,
-                                   int(time.time() * 1000) + ATTESTATION_TTL_MS)
+    presence = crypto.session_presence(entry['pubkey'], entry['secretKey'], keypair.public_key,
+                                       keypair.secret_key, clock.now_ms())
     token = secrets.token_hex(32)
     tmpdir = tempfile.mkdtemp(prefix='meshd-')  # 0700
     token_file = os.path.join(tmpdir, 'session-token')
@@ -61,12 +59,7 @@ def run(paths, command, mesh=None, name=None, role=None, groups=None, resume=Non
         handle.write(token)
     params = {'token': token, 'session_id': session_id, 'mesh': slug,
               'display_name': display_name, 'pid': os.getpid(), 'cwd': os.getcwd(),
-              'presence': {'session_pubkey': keypair.public_key,
-                           'session_secret_key': keypair.secret_key,
-                           'parent_attestation': {
-                               'session_pubkey': wire['sessionPubkey'],
-                               'parent_member_pubkey': wire['parentMemberPubkey'],
-                               'expires_at': wire['expiresAt'], 'signature': wire['signature']}}}
+              'presence': presence}
     if resume:
         # Resuming means taking the identity over, also from a process that still holds it.
         params['replace'] = True

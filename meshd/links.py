@@ -1,219 +1,159 @@
-"""The two kinds of broker link: one member link per mesh, one session link per session.
+"""The LinkTable: every broker link of the daemon, by mesh and by session.
 
-Both speak spec/wire.md §3: the member link says `hello` with the daemon's stable session
-id (DESIGN.md 16); a session link says `session_hello` with a parent attestation signed
-fresh on every connect. Pushes go to meshd.inbound after the self-echo filters of
-spec/daemon.md §5.2 and §5.3.
+It owns the joined meshes (config.json entries by slug) and their links: one member link
+per mesh, one session link per registered session with presence. It opens and closes them
+as meshes are attached and detached and sessions come and go, answers lookups (a mesh's
+member link, the session link of a key, whether a key is the daemon's own), reads rosters
+from several meshes at once, and reconnects every link when the wall clock jumps (a laptop
+woke up, DESIGN.md 25). It builds links with the two factories it is given, so it knows
+nothing of what a link does with a push.
 """
-import hashlib
 import logging
-import os
-import socket
-import sys
 import time
 
-from storage import db as storage_db
-from storage.models import Outbox
+import gevent
 
-from meshd import clock, crypto, fingerprint, inbound
-from meshd.wslink import Link
+from meshd.greenlets import LOG
 
 log = logging.getLogger(__name__)
 
-ATTESTATION_TTL_MS = 12 * 3600 * 1000
-EXT_VERSION = 1
-# meshd extensions this daemon speaks (docs/wire-extensions.md), announced in every hello;
-# a claudemesh broker ignores the field.
-DAEMON_EXTENSIONS = ('undelivered',)
 
+class LinkTable:
+    """The daemon's broker links. `member_link(mesh)` and `session_link(mesh, info)` build
+    a link (not started); `registered()` lists the registered sessions."""
 
-def _meshd_ext():
-    return {'v': EXT_VERSION, 'features': list(DAEMON_EXTENSIONS)}
+    def __init__(self, timings, supervisor, member_link, session_link, registered):
+        self.timings = timings
+        self.supervisor = supervisor
+        self._member_link = member_link
+        self._session_link = session_link
+        self._registered = registered
+        self.meshes = {}      # slug -> config.json entry
+        self.members = {}     # slug -> MemberLink
+        self.sessions = {}    # token -> SessionLink
 
+    # -- meshes --------------------------------------------------------------------------
 
-def stable_session_id(member_pubkey, host_id=None):
-    """`daemon-` + 16 hex of sha256(host_id ‖ 0x00 ‖ member pubkey): stable across restarts."""
-    host_id = fingerprint.host_id() if host_id is None else host_id
-    digest = hashlib.sha256(host_id.encode() + b'\x00' + member_pubkey.encode()).hexdigest()
-    return 'daemon-' + digest[:16]
+    def attach(self, mesh):
+        """Start the member link of `mesh`, and the links of its registered sessions."""
+        slug = mesh['slug']
+        self.meshes[slug] = mesh
+        self.members[slug] = self._member_link(mesh).start()
+        for info in self._registered():
+            if info.mesh == slug and info.token not in self.sessions:
+                self.open_session(info)
 
+    def detach(self, slug):
+        """Close the member link of `slug` and the session links bound to it."""
+        self.meshes.pop(slug, None)
+        link = self.members.pop(slug, None)
+        if link is not None:
+            link.close()
+        for token, session_link in list(self.sessions.items()):
+            if session_link.mesh['slug'] == slug:
+                del self.sessions[token]
+                session_link.close()
 
-class MemberLink(Link):
-    """The daemon's control-plane socket for one mesh (`hello`, role control-plane)."""
+    def replace_meshes(self, wanted):
+        """Attach meshes newly in `wanted` (slug -> entry) and detach those no longer in it
+        or changed; return (attached, detached) slugs."""
+        changed = {slug for slug in set(wanted) & set(self.meshes)
+                   if wanted[slug] != self.meshes[slug]}
+        detached = sorted((set(self.meshes) - set(wanted)) | changed)
+        attached = sorted((set(wanted) - set(self.meshes)) | changed)
+        for slug in detached:
+            self.detach(slug)
+        for slug in attached:
+            self.attach(wanted[slug])
+        return attached, detached
 
-    kind = 'member'
-    log_prefix = 'broker_'
+    def member_pubkey(self, slug):
+        mesh = self.meshes.get(slug)
+        return mesh.get('pubkey') if mesh else None
 
-    def __init__(self, daemon, mesh):
-        super().__init__(daemon, mesh, mesh['brokerUrl'])
-        self.session_id = stable_session_id(mesh['pubkey'])
-        self._roster = None
-        self._roster_at = 0.0
+    # -- sessions ------------------------------------------------------------------------
 
-    @property
-    def pubkey(self):
-        return self.mesh['pubkey']
-
-    def on_first_connect_failed(self, error):
-        # Plain text on stderr, as spec/daemon.md §1.6 step 10 has it; the link keeps trying.
-        sys.stderr.write('broker connect failed for %s: %s\n' % (self.name, error))
-        sys.stderr.flush()
-
-    def build_hello(self):
-        mesh = self.mesh
-        timestamp = clock.now_ms()
-        hello = {'type': 'hello', 'meshId': mesh['meshId'], 'memberId': mesh['memberId'],
-                 'pubkey': mesh['pubkey']}
-        if mesh.get('displayName'):
-            hello['displayName'] = mesh['displayName']
-        hello.update({
-            'sessionId': self.session_id, 'pid': os.getpid(), 'cwd': os.getcwd(),
-            'hostname': socket.gethostname(), 'peerType': 'ai', 'channel': 'claudemesh-daemon',
-            'meshdExt': _meshd_ext(), 'timestamp': timestamp,
-            'signature': crypto.sign_hex(mesh['secretKey'], crypto.member_hello_text(
-                mesh['meshId'], mesh['memberId'], mesh['pubkey'], timestamp))})
-        return hello
-
-    def on_status(self, status):
-        log.info('broker_status', extra={'fields': {'status': status, 'mesh': self.name}})
-        self.daemon.publish_event('broker_status', {'mesh': self.name, 'status': status})
-
-    def on_push(self, frame):
-        sender_member = (frame.get('senderMemberPubkey') or '').lower()
-        if sender_member and sender_member == self.pubkey.lower():
-            return  # our own send echoed on the member socket (1.34.9)
-        inbound.handle_push(self.daemon, self, frame, session_secret=None)
-
-    def on_undelivered(self, frame):
-        """The broker gave up on one of our DMs (meshd extension): the outbox row becomes
-        `undelivered` with a readable reason, then the notice is acked so it stops."""
-        message_id = frame.get('messageId')
-        cmid = frame.get('clientMessageId')
-        if not isinstance(message_id, str) or not message_id:
+    def open_session(self, info):
+        """Close any link of the same token or session key, then open this session's link."""
+        if info.presence is None:
             return
-        reason = undelivered_reason(frame)
-        changed = 0
-        if isinstance(cmid, str) and cmid:
-            changed = storage_db.write(Outbox.mark_undelivered, cmid, message_id, reason)
-        if changed:
-            log.warning('outbox_undelivered', extra={'fields': {
-                'mesh': self.name, 'client_message_id': cmid, 'reason': reason}})
-            self.daemon.publish_event('message_undelivered', {
-                'mesh': self.name, 'client_message_id': cmid, 'broker_message_id': message_id,
-                'target_spec': frame.get('targetSpec'), 'reason': reason})
-        self.send_frame({'type': 'meshd_undelivered_ack', 'messageId': message_id})
-
-    def list_peers(self, max_age=0.0):
-        """The broker's roster of this mesh, or None when it cannot be read.
-
-        `max_age` lets `send` reuse a roster read moments ago: resolving every DM with a
-        round trip to the broker would cap the accept rate. Any join or leave event on this
-        mesh, and any reconnect, forgets the cached roster.
-        """
-        if (max_age and self._roster is not None and self.is_open
-                and time.monotonic() - self._roster_at <= max_age):
-            return self._roster
-        reply = self.request({'type': 'list_peers'}, 'peers_list')
-        if reply is None or not isinstance(reply.get('peers'), list):
-            self.forget_roster()
-            return None
-        self._roster, self._roster_at = reply['peers'], time.monotonic()
-        return reply['peers']
-
-    def forget_roster(self):
-        self._roster = None
-
-    def on_closed(self, code, reason):
-        self.forget_roster()
-
-
-class SessionLink(Link):
-    """One registered session's own presence (`session_hello`, role session)."""
-
-    kind = 'session'
-    log_prefix = 'session_broker_'
-    not_open_error = 'session_ws_not_open'
-
-    def __init__(self, daemon, mesh, info):
-        super().__init__(daemon, mesh, mesh['brokerUrl'])
-        self.info = info
-        self.token = info.token
-        self.pubkey = info.presence['session_pubkey']
-        self.secret = info.presence['session_secret_key']
-
-    @property
-    def name(self):
-        return self.info.token_prefix
-
-    def build_hello(self):
-        mesh, info = self.mesh, self.info
-        try:
-            attestation = crypto.make_attestation(mesh['pubkey'], mesh['secretKey'], self.pubkey,
-                                                  clock.now_ms() + ATTESTATION_TTL_MS)
-        except Exception as exc:
-            log.warning('parent attestation re-mint failed; reusing stored token (may be expired)',
-                        extra={'fields': {'err': str(exc)}})
-            stored = info.presence['parent_attestation']
-            attestation = {'sessionPubkey': stored['session_pubkey'],
-                           'parentMemberPubkey': stored['parent_member_pubkey'],
-                           'expiresAt': stored['expires_at'], 'signature': stored['signature']}
-        timestamp = clock.now_ms()
-        hello = {'type': 'session_hello', 'meshId': mesh['meshId'],
-                 'parentMemberId': mesh['memberId'], 'parentMemberPubkey': mesh['pubkey'],
-                 'sessionPubkey': self.pubkey, 'parentAttestation': attestation,
-                 'displayName': info.display_name, 'sessionId': info.session_id,
-                 'pid': info.pid, 'cwd': info.cwd or os.getcwd(),
-                 'hostname': socket.gethostname(), 'peerType': 'ai',
-                 'channel': 'claudemesh-session'}
-        groups = [_group(g) for g in info.groups or []]
-        if groups:
-            hello['groups'] = groups
-        if info.role:
-            hello['role'] = info.role
-        hello['meshdExt'] = _meshd_ext()
-        hello['timestamp'] = timestamp
-        hello['signature'] = crypto.sign_hex(self.secret, crypto.session_hello_text(
-            mesh['meshId'], mesh['pubkey'], self.pubkey, timestamp))
-        return hello
-
-    def on_push(self, frame):
-        if frame.get('subtype') == 'system' or frame.get('senderPubkey') == 'system':
-            return  # the member link delivers system events once (1.34.9)
-        sender = (frame.get('senderPubkey') or '').lower()
-        if sender == self.pubkey:
-            log.info('self_echo_dropped', extra={'fields': {'sender': sender[:12]}})
+        mesh = self.meshes.get(info.mesh)
+        if mesh is None:
+            log.warning('session_broker_no_mesh_config', extra={'fields': {'mesh': info.mesh}})
             return
-        inbound.handle_push(self.daemon, self, frame, session_secret=self.secret)
+        self.close_session(info.token)
+        for token, link in list(self.sessions.items()):
+            if link.pubkey == info.session_pubkey:
+                # One presence per session key: a ghost would steal the session's DMs (1.35.0).
+                del self.sessions[token]
+                link.close()
+        self.sessions[info.token] = self._session_link(mesh, info).start()
 
-    def _log(self, level, msg, **fields):
-        fields.setdefault('session_pubkey', self.pubkey[:12])
-        super()._log(level, msg, **fields)
+    def close_session(self, token):
+        link = self.sessions.pop(token, None)
+        if link is not None:
+            link.close()
 
+    def session_by_pubkey(self, pubkey):
+        for link in self.sessions.values():
+            if link.pubkey == pubkey:
+                return link
+        return None
 
-def undelivered_reason(frame):
-    """One line for `last_error` from a broker's undelivered notice."""
-    reason = frame.get('reason')
-    if reason == 'expired':
-        ttl = frame.get('dmTtlSeconds')
-        kept = (' (it keeps an undelivered DM %s)' % _duration(ttl)
-                if isinstance(ttl, int) and not isinstance(ttl, bool) else '')
-        return 'undelivered: expired at the broker before the recipient came online%s' % kept
-    if reason == 'recipient_removed':
-        return 'undelivered: the recipient was removed from the mesh'
-    return 'undelivered: %s' % (reason if isinstance(reason, str) else 'refused by the broker')
+    # -- lookups -------------------------------------------------------------------------
 
+    def member(self, slug):
+        return self.members.get(slug)
 
-def _duration(seconds):
-    for unit, size in (('d', 86400), ('h', 3600), ('m', 60)):
-        if seconds >= size and seconds % size == 0:
-            return '%d%s' % (seconds // size, unit)
-    return '%ds' % seconds
+    def all(self):
+        return list(self.members.values()) + list(self.sessions.values())
 
+    def is_own_pubkey(self, pubkey, slug=None):
+        """The member key of a joined mesh, or a live session key of this daemon."""
+        pubkey = pubkey.lower()
+        meshes = [self.meshes[slug]] if slug in self.meshes else list(self.meshes.values())
+        if any(mesh['pubkey'].lower() == pubkey for mesh in meshes):
+            return True
+        return any(link.pubkey == pubkey for link in self.sessions.values())
 
-def _group(text):
-    """'@name' or '@name:role' → {name, role?} for session_hello."""
-    name, _, role = text.lstrip('@').partition(':')
-    group = {'name': name}
-    if role:
-        group['role'] = role
-    return group
+    def rosters(self, slugs, max_age=0.0):
+        """{slug: peers or None} for `slugs`, read concurrently, each within the RPC timeout."""
+        jobs = {}
+        for slug in slugs:
+            link = self.members.get(slug)
+            if link is not None and link.is_open:
+                jobs[slug] = self.supervisor.spawn('roster:%s' % slug, link.list_peers, max_age,
+                                                   on_crash=LOG)
+        gevent.joinall(list(jobs.values()), timeout=self.timings['link_rpc_timeout'] + 1)
+        return {slug: (jobs[slug].value if slug in jobs and jobs[slug].successful() else None)
+                for slug in slugs}
+
+    def health(self):
+        """The `brokers` and `sessions` parts of daemon.health."""
+        return ({slug: link.health() for slug, link in self.members.items()},
+                {token[:8]: link.health() for token, link in self.sessions.items()})
+
+    # -- running and stopping --------------------------------------------------------------
+
+    def watch_clock(self):
+        """Reconnect every link at once when wall-clock time jumps (a laptop woke up)."""
+        interval = self.timings['clock_check_interval']
+        last_wall, last_mono = time.time(), time.monotonic()
+        while not self.supervisor.stopping.wait(interval):
+            wall, mono = time.time(), time.monotonic()
+            jump = (wall - last_wall) - (mono - last_mono)
+            last_wall, last_mono = wall, mono
+            if abs(jump) >= self.timings['clock_jump_threshold']:
+                log.info('clock_jump_detected', extra={'fields': {'jump_ms': int(jump * 1000)}})
+                for link in self.all():
+                    link.reconnect_now('clock_jump')
+
+    def close_members(self):
+        for link in list(self.members.values()):
+            link.close()
+        self.members.clear()
+
+    def close_sessions(self):
+        for link in list(self.sessions.values()):
+            link.close()
+        self.sessions.clear()

@@ -9,8 +9,8 @@ lock (and the hub) for seconds, and the file never shrank.
 import logging
 
 import gevent
-from storage import db as storage_db
-from storage.models import FINISHED_STATUSES, RETENTION_MS
+from storage.models import RETENTION_MS, Idempotency, Inbox, Outbox, return_free_pages
+
 from meshd import clock
 
 log = logging.getLogger(__name__)
@@ -18,21 +18,12 @@ log = logging.getLogger(__name__)
 BATCH = 200           # rows deleted per transaction
 VACUUM_PAGES = 128    # pages returned to the file system per transaction
 
-_FINISHED = ', '.join("'%s'" % status for status in FINISHED_STATUSES)
-# (table, condition on rows past retention); the parameter is the cut-off in ms.
-_RULES = (
-    ('inbox', '"received_at" < ?'),
-    ('outbox', '"status" IN (%s) AND "enqueued_at" < ?' % _FINISHED),
-    # A key whose row is still queued (a ttl over 30 days) stays taken.
-    ('idempotency', '"created_at" < ? AND "outbox_id" NOT IN (SELECT "id" FROM "outbox" '
-                    'WHERE "status" IN (\'pending\', \'inflight\'))'),
-)
-
 
 class Pruner:
     """`step(now)` runs one pass and returns what it removed per table."""
 
-    def __init__(self, bus, retention_ms=RETENTION_MS, batch=BATCH):
+    def __init__(self, store, bus, retention_ms=RETENTION_MS, batch=BATCH):
+        self.store = store
         self.bus = bus
         self.retention_ms = retention_ms
         self.batch = batch
@@ -41,8 +32,9 @@ class Pruner:
         cutoff = (clock.now_ms() if now is None else now) - self.retention_ms
         removed = {}
         try:
-            for table, condition in _RULES:
-                removed[table] = self._delete(table, condition, cutoff)
+            for table, prune in (('inbox', Inbox.prune), ('outbox', Outbox.prune),
+                                 ('idempotency', Idempotency.prune)):
+                removed[table] = self._in_batches(prune, cutoff)
         except Exception as exc:
             log.warning('inbox_prune_failed', extra={'fields': {'err': str(exc)}})
             return removed
@@ -60,13 +52,11 @@ class Pruner:
             log.info('database_pages_returned', extra={'fields': {'pages': removed['pages']}})
         return removed
 
-    def _delete(self, table, condition, cutoff):
-        """Delete the matching rows of `table` a batch per transaction; return the count."""
-        sql = ('DELETE FROM "%s" WHERE rowid IN (SELECT rowid FROM "%s" WHERE %s LIMIT ?)'
-               % (table, table, condition))
+    def _in_batches(self, prune, cutoff):
+        """Run `prune(cutoff, batch)` a transaction at a time until a batch is short."""
         total = 0
         while True:
-            count = storage_db.write(_execute_count, sql, [cutoff, self.batch])
+            count = self.store.write(prune, cutoff, self.batch)
             total += count
             if count < self.batch:
                 return total
@@ -76,9 +66,9 @@ class Pruner:
         """Give free pages back to the file system, VACUUM_PAGES per transaction."""
         returned = 0
         while True:
-            free = storage_db.write(_vacuum_step, VACUUM_PAGES)
-            returned += free
-            if free < VACUUM_PAGES:
+            freed = self.store.write(return_free_pages, VACUUM_PAGES)
+            returned += freed
+            if freed < VACUUM_PAGES:
                 return returned
             _let_others_in()
 
@@ -88,17 +78,3 @@ def _let_others_in():
     # hub runs before it polls sockets or fires timers: without waiting for an idle loop
     # between batches, RPC connections were not read for a second at a time.
     gevent.idle()
-
-
-def _execute_count(sql, params):
-    return storage_db.db.execute_sql(sql, params).rowcount
-
-
-def _vacuum_step(pages):
-    """Return up to `pages` free pages to the file system; return how many it returned."""
-    before = storage_db.db.execute_sql('PRAGMA freelist_count').fetchone()[0]
-    # The pragma frees one page per step of its statement, and Python's sqlite3 steps a
-    # statement without result columns only once: one page per execution.
-    for _ in range(min(before, pages)):
-        storage_db.db.execute_sql('PRAGMA incremental_vacuum(1)')
-    return before - storage_db.db.execute_sql('PRAGMA freelist_count').fetchone()[0]

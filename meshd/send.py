@@ -3,26 +3,23 @@
 Every failure to resolve the target happens before any outbox or idempotency row exists,
 so a refused send never consumes its client_message_id. The accepted row and its
 idempotency key are committed in one transaction before `send` answers (the answer is a
-Pending that completes after the group commit); the drain is woken after the commit. Rosters are read with `list_peers`, concurrently, outside any
-transaction.
+Pending that completes after the group commit); the drain is woken after the commit.
+Rosters are read with `list_peers`, concurrently, outside any transaction. The Sender sees
+the daemon through what its constructor gives it: the store, the LinkTable (joined meshes,
+rosters, what each broker announced), the timings and a way to wake the drain.
 """
 import re
 import uuid
 
-import gevent
+from rpc.connection import Pending
 from rpc.protocol import (CONFLICT, INVALID_PARAMS, INVALID_REQUEST, MESH_CHOICE, NOT_FOUND,
                           UPSTREAM_ERROR, RpcError, invalid_params)
-from rpc.connection import Pending
-from storage import db as storage_db
 from storage.models import Idempotency, Outbox
 
-from meshd import clock, crypto
+from meshd import clock, crypto, wire
 from meshd.clock import iso_from_ms
 
-DEFAULT_TTL_S = 7 * 24 * 3600
 MAX_TTL_S = 10 * 365 * 24 * 3600  # beyond this an expiry date cannot be stored or shown
-FRAME_LIMIT = 65536
-PRIORITIES = ('now', 'next', 'low')
 _FULL_KEY = re.compile(r'^[0-9a-fA-F]{64}$')
 _PREFIX = re.compile(r'^[0-9a-fA-F]{4,63}$')
 
@@ -38,119 +35,196 @@ class Resolution:
         self.online = online
 
 
-def send(ctx, to, message, mesh=None, priority=None, meta=None, reply_to_id=None,
-         client_message_id=None, ttl=None):
-    """Run the pipeline for one `send` call and return its result."""
-    daemon = ctx.app
-    to = (to or '').strip()
-    if not to:
-        raise invalid_params("missing 'to'")
-    if message is None or message == '':
-        raise invalid_params("missing 'message'")
-    if priority is not None and priority not in PRIORITIES:
-        raise invalid_params("'priority' must be now, next or low")
-    if ttl is not None and not 0 < ttl <= MAX_TTL_S:
-        raise invalid_params("'ttl' must be a positive number of seconds, at most %d"
-                             % MAX_TTL_S)
-    cmid = (client_message_id or '').strip()
-    # A key we mint cannot exist yet: only a caller's key needs the idempotency lookups.
-    callers_key = bool(cmid)
-    cmid = cmid or str(uuid.uuid4())
-    fingerprint = bytes.fromhex(crypto.request_fingerprint(
-        to, priority or 'next', message, reply_to_id, meta or None))
-    if callers_key:
-        known = _known_answer(cmid, fingerprint)
-        if known is not None:
-            return known
-    if to.startswith('#'):
-        raise RpcError.of(INVALID_PARAMS, 'invalid_target', '#topics are not supported')
-    resolution = resolve(daemon, ctx.session, to, mesh)
-    mesh_entry = daemon.meshes[resolution.mesh]
-    session = ctx.session
-    sender_session = None
-    if (session is not None and session.presence is not None
-            and session.mesh == resolution.mesh):
-        sender_session = session
-    secret = sender_session.presence['session_secret_key'] if sender_session else \
-        mesh_entry['secretKey']
-    body = message.encode('utf-8')
-    try:
-        if resolution.is_dm:
-            nonce, ciphertext = crypto.seal_dm(body, resolution.target, secret)
-        else:
-            nonce, ciphertext = crypto.encode_plain(body)
-    except Exception as exc:
-        raise RpcError.of(UPSTREAM_ERROR, 'route_failed', 'route_failed', detail=str(exc))
-    frame_length = _frame_length(cmid, fingerprint, resolution.target, priority, nonce,
-                                 ciphertext)
-    if frame_length > FRAME_LIMIT:
-        raise RpcError.of(INVALID_REQUEST, 'payload_too_large',
-                          'message too large: the frame would be %d bytes > %d'
-                          % (frame_length, FRAME_LIMIT))
-    now = clock.now_ms()
-    ttl_s = ttl or daemon.timings['outbox_ttl']
-    expires_at = now + int(ttl_s * 1000)
-    broker_ttl = _shorter_broker_ttl(daemon, resolution, ttl_s)
-    row_id = str(uuid.uuid4())
-    def accept():
-        # Again inside the transaction: a concurrent send with the same key may have won.
-        existing = _decide(cmid, fingerprint) if callers_key else None
-        if existing is None:
-            Outbox.create(id=row_id, client_message_id=cmid, request_fingerprint=fingerprint,
-                          payload=body, enqueued_at=now, attempts=0, next_attempt_at=now,
-                          status='pending', mesh=resolution.mesh,
-                          target_spec=resolution.target, nonce=nonce, ciphertext=ciphertext,
-                          priority=priority,
-                          sender_session_pubkey=sender_session.session_pubkey
-                          if sender_session else None,
-                          expires_at=expires_at)
-            Idempotency.create(client_message_id=cmid, request_fingerprint=fingerprint,
-                               outbox_id=row_id, created_at=now)
-        return existing
-    def answer(existing):
-        if existing is not None:
+class Sender:
+    """Runs `send` calls: `send(session, to, message, …)` returns a Pending answer."""
+
+    def __init__(self, store, links, timings, wake_drain):
+        self.store = store
+        self.links = links
+        self.timings = timings
+        self.wake_drain = wake_drain
+
+    def send(self, session, to, message, mesh=None, priority=None, meta=None,
+             reply_to_id=None, client_message_id=None, ttl=None):
+        """Run the pipeline for one `send` call and return its (pending) result."""
+        to = (to or '').strip()
+        if not to:
+            raise invalid_params("missing 'to'")
+        if message is None or message == '':
+            raise invalid_params("missing 'message'")
+        if priority is not None and priority not in wire.PRIORITIES:
+            raise invalid_params("'priority' must be now, next or low")
+        if ttl is not None and not 0 < ttl <= MAX_TTL_S:
+            raise invalid_params("'ttl' must be a positive number of seconds, at most %d"
+                                 % MAX_TTL_S)
+        cmid = (client_message_id or '').strip()
+        # A key we mint cannot exist yet: only a caller's key needs the idempotency lookups.
+        callers_key = bool(cmid)
+        cmid = cmid or str(uuid.uuid4())
+        fingerprint = bytes.fromhex(crypto.request_fingerprint(
+            to, priority or 'next', message, reply_to_id, meta or None))
+        if callers_key:
+            with self.store.reading():
+                known = _decide(cmid, fingerprint)
+            if known is not None:
+                return known
+        if to.startswith('#'):
+            raise RpcError.of(INVALID_PARAMS, 'invalid_target', '#topics are not supported')
+        resolution = self.resolve(session, to, mesh)
+        mesh_entry = self.links.meshes[resolution.mesh]
+        sender_session = None
+        if (session is not None and session.presence is not None
+                and session.mesh == resolution.mesh):
+            sender_session = session
+        secret = sender_session.presence['session_secret_key'] if sender_session else \
+            mesh_entry['secretKey']
+        body = message.encode('utf-8')
+        try:
+            if resolution.is_dm:
+                nonce, ciphertext = crypto.seal_dm(body, resolution.target, secret)
+            else:
+                nonce, ciphertext = crypto.encode_plain(body)
+        except Exception as exc:
+            raise RpcError.of(UPSTREAM_ERROR, 'route_failed', 'route_failed', detail=str(exc))
+        length = wire.frame_length(wire.send_frame(cmid, fingerprint, resolution.target,
+                                                   priority, nonce, ciphertext))
+        if length > wire.FRAME_LIMIT:
+            raise RpcError.of(INVALID_REQUEST, 'payload_too_large',
+                              'message too large: the frame would be %d bytes > %d'
+                              % (length, wire.FRAME_LIMIT))
+        now = clock.now_ms()
+        ttl_s = ttl or self.timings['outbox_ttl']
+        expires_at = now + int(ttl_s * 1000)
+        broker_ttl = self._shorter_broker_ttl(resolution, ttl_s)
+        row = dict(id=str(uuid.uuid4()), client_message_id=cmid,
+                   request_fingerprint=fingerprint, payload=body, enqueued_at=now, attempts=0,
+                   next_attempt_at=now, status='pending', mesh=resolution.mesh,
+                   target_spec=resolution.target, nonce=nonce, ciphertext=ciphertext,
+                   priority=priority, expires_at=expires_at,
+                   sender_session_pubkey=sender_session.session_pubkey
+                   if sender_session else None)
+
+        def accept():
+            # Again inside the transaction: a concurrent send with the same key may have won.
+            existing = _decide(cmid, fingerprint) if callers_key else None
+            if existing is None:
+                Outbox.accept(row, fingerprint, now)
             return existing
-        daemon.wake_drain()
-        return {'client_message_id': cmid, 'status': 'queued', 'duplicate': False,
-                'broker_message_id': None, 'mesh': resolution.mesh,
-                'target_spec': resolution.target, 'expires_at': iso_from_ms(expires_at),
-                'recipient_name': resolution.name, 'recipient_online': resolution.online,
-                'broker_dm_ttl': broker_ttl}
-    # Answered once committed: an accepted message survives a crash (DESIGN.md 6). Until
-    # then the connection reads on, so a client pipelining sends shares the commits.
-    return Pending(storage_db.writer.write_async(accept), answer)
 
+        def answer(existing):
+            if existing is not None:
+                return existing
+            self.wake_drain()
+            return {'client_message_id': cmid, 'status': 'queued', 'duplicate': False,
+                    'broker_message_id': None, 'mesh': resolution.mesh,
+                    'target_spec': resolution.target, 'expires_at': iso_from_ms(expires_at),
+                    'recipient_name': resolution.name, 'recipient_online': resolution.online,
+                    'broker_dm_ttl': broker_ttl}
+        # Answered once committed: an accepted message survives a crash (DESIGN.md 6). Until
+        # then the connection reads on, so a client pipelining sends shares the commits.
+        return Pending(self.store.writer.write_async(accept), answer)
 
-def _shorter_broker_ttl(daemon, resolution, ttl_s):
-    """The broker's DM TTL in seconds when it would drop this DM before the daemon gives
-    up on it (announced by meshd's broker in hello_ack), else None."""
-    link = daemon.links.get(resolution.mesh)
-    broker_ttl = getattr(link, 'broker_dm_ttl', None) if resolution.is_dm else None
-    return broker_ttl if broker_ttl is not None and broker_ttl < ttl_s else None
+    def _shorter_broker_ttl(self, resolution, ttl_s):
+        """The broker's DM TTL in seconds when it would drop this DM before the daemon
+        gives up on it (announced by meshd's broker in hello_ack), else None."""
+        link = self.links.member(resolution.mesh)
+        broker_ttl = link.broker_dm_ttl if resolution.is_dm and link is not None else None
+        return broker_ttl if broker_ttl is not None and broker_ttl < ttl_s else None
 
+    # -- resolution ----------------------------------------------------------------------
 
-def _frame_length(cmid, fingerprint, target, priority, nonce, ciphertext):
-    frame = {'type': 'send', 'id': cmid, 'client_message_id': cmid,
-             'request_fingerprint': fingerprint.hex(), 'targetSpec': target,
-             'priority': priority or 'next', 'nonce': nonce, 'ciphertext': ciphertext}
-    return len(crypto.compact_json(frame).encode('utf-8'))
+    def _fallback_mesh(self, session, explicit):
+        meshes = self.links.meshes
+        if explicit:
+            if explicit not in meshes:
+                raise RpcError.of(NOT_FOUND, 'mesh_not_attached',
+                                  'mesh not attached: %s' % explicit, mesh=explicit)
+            return explicit
+        if session is not None and session.mesh in meshes:
+            return session.mesh
+        if len(meshes) == 1:
+            return next(iter(meshes))
+        attached = sorted(meshes)
+        raise RpcError.of(MESH_CHOICE, 'mesh_required',
+                          "daemon attached to %d meshes; pass 'mesh'" % len(attached),
+                          attached=attached)
+
+    def resolve(self, session, to, explicit_mesh):
+        """Pick the mesh and the target of `to` (spec/daemon.md §8.3, meshd table)."""
+        # Resolution may reuse a roster read moments ago (join and leave events forget it).
+        max_age = self.timings['roster_cache_ttl']
+
+        if explicit_mesh is not None and explicit_mesh not in self.links.meshes:
+            raise RpcError.of(NOT_FOUND, 'mesh_not_attached', 'mesh not attached: %s' % explicit_mesh,
+                              mesh=explicit_mesh)
+        if to == '*' or to.startswith('@'):
+            return Resolution(self._fallback_mesh(session, explicit_mesh), to, False)
+        if _FULL_KEY.match(to):
+            target = to.lower()
+            if explicit_mesh:
+                peers = self.links.rosters([explicit_mesh], max_age)[explicit_mesh]
+                return Resolution(explicit_mesh, target, True, _name_for(peers, target),
+                                  _online(peers, target))
+            rosters = self.links.rosters(sorted(self.links.meshes), max_age)
+            hits = [slug for slug, peers in rosters.items() if peers and any(
+                str(p.get('pubkey', '')).lower() == target
+                or str(p.get('memberPubkey', '')).lower() == target for p in peers)]
+            if len(hits) > 1:
+                raise RpcError.of(MESH_CHOICE, 'mesh_required',
+                                  '"%s" matches peers on %d meshes — pick one with mesh'
+                                  % (to, len(hits)), to=to, meshes=hits, candidates=[])
+            slug = hits[0] if hits else self._fallback_mesh(session, None)
+            peers = rosters.get(slug)
+            return Resolution(slug, target, True, _name_for(peers, target), _online(peers, target))
+        kind = 'prefix' if _PREFIX.match(to) else 'name'
+        scope = [explicit_mesh] if explicit_mesh else sorted(self.links.meshes)
+        rosters = self.links.rosters(scope, max_age)
+        hits, seen = [], set()
+        for slug in scope:
+            for peer in rosters.get(slug) or []:
+                if _is_control_plane(peer):
+                    continue
+                pubkey = str(peer.get('pubkey', '')).lower()
+                if kind == 'prefix':
+                    needle = to.lower()
+                    matched = (pubkey.startswith(needle)
+                               or str(peer.get('memberPubkey', '')).lower().startswith(needle))
+                else:
+                    matched = str(peer.get('displayName', '')).lower() == to.lower()
+                if matched and pubkey not in seen:
+                    seen.add(pubkey)
+                    hits.append((slug, peer))
+        candidates = [{'display_name': p.get('displayName'), 'pubkey': p.get('pubkey'), 'mesh': s}
+                      for s, p in hits]
+        if not hits:
+            unreachable = [slug for slug in scope if rosters.get(slug) is None]
+            where = ('on mesh "%s"' % explicit_mesh) if explicit_mesh else 'on any joined mesh'
+            raise RpcError.of(NOT_FOUND, 'peer_not_found', 'No peer matches "%s" %s' % (to, where),
+                              to=to, meshes=scope, unreachable=unreachable)
+        meshes = sorted({slug for slug, _peer in hits})
+        if len(meshes) > 1 and not explicit_mesh:
+            raise RpcError.of(MESH_CHOICE, 'mesh_required',
+                              '"%s" matches peers on %d meshes — pick one with mesh'
+                              % (to, len(meshes)), to=to, meshes=meshes, candidates=candidates)
+        if len(hits) > 1:
+            raise RpcError.of(MESH_CHOICE, 'ambiguous', 'Ambiguous %s "%s" — matches %d peers.'
+                              % (kind, to, len(hits)), to=to, kind=kind, mesh=meshes[0],
+                              candidates=candidates)
+        slug, peer = hits[0]
+        target = str(peer.get('pubkey')).lower()
+        return Resolution(slug, target, True, peer.get('displayName'), True)
 
 
 # -- idempotency (spec/daemon.md §3.1.2) -------------------------------------------------
 
-def _known_answer(cmid, fingerprint):
-    with storage_db.reading():
-        return _decide(cmid, fingerprint)
-
-
 def _decide(cmid, fingerprint):
     """The answer for a key that already exists, None for a new key; raises on conflict."""
-    key = Idempotency.get_or_none(Idempotency.client_message_id == cmid)
-    if key is None:
+    known = Idempotency.lookup(cmid)
+    if known is None:
         return None
-    row = Outbox.get_or_none(Outbox.id == key.outbox_id)
+    stored, row = known
     status = row.status if row is not None else 'aborted'
-    match = bytes(key.request_fingerprint) == fingerprint
+    match = stored == fingerprint
     if status in ('pending', 'inflight', 'done') and match:
         return {'client_message_id': cmid, 'status': 'queued' if status == 'pending' else status,
                 'duplicate': True, 'broker_message_id': row.broker_message_id,
@@ -162,44 +236,11 @@ def _decide(cmid, fingerprint):
     else:
         reason = 'outbox_%s_fingerprint_%s' % (status, 'match' if match else 'mismatch')
     raise RpcError.of(CONFLICT, 'conflict', 'idempotency_key_reused', reason=reason,
-                      daemon_fingerprint_prefix=bytes(key.request_fingerprint)[:8].hex(),
+                      daemon_fingerprint_prefix=stored[:8].hex(),
                       broker_message_id=row.broker_message_id if row is not None else None)
 
 
 # -- resolution --------------------------------------------------------------------------
-
-def read_rosters(daemon, slugs):
-    """Fresh rosters for `slugs` (peers.list always asks the broker)."""
-    return _read_rosters(daemon, slugs)
-
-
-def _fallback_mesh(daemon, session, explicit):
-    if explicit:
-        if explicit not in daemon.meshes:
-            raise RpcError.of(NOT_FOUND, 'mesh_not_attached', 'mesh not attached: %s' % explicit,
-                              mesh=explicit)
-        return explicit
-    if session is not None and session.mesh in daemon.meshes:
-        return session.mesh
-    if len(daemon.meshes) == 1:
-        return next(iter(daemon.meshes))
-    attached = sorted(daemon.meshes)
-    raise RpcError.of(MESH_CHOICE, 'mesh_required',
-                      "daemon attached to %d meshes; pass 'mesh'" % len(attached),
-                      attached=attached)
-
-
-def _read_rosters(daemon, slugs, max_age=0.0):
-    """{slug: peers or None} for `slugs`, read concurrently, each with the RPC timeout."""
-    jobs = {}
-    for slug in slugs:
-        link = daemon.links.get(slug)
-        if link is not None and link.is_open:
-            jobs[slug] = gevent.spawn(link.list_peers, max_age)
-    gevent.joinall(list(jobs.values()), timeout=daemon.timings['link_rpc_timeout'] + 1)
-    return {slug: (jobs[slug].value if slug in jobs and jobs[slug].successful() else None)
-            for slug in slugs}
-
 
 def _is_control_plane(peer):
     return peer.get('peerRole') == 'control-plane'
@@ -231,69 +272,3 @@ def _name_for(peers, target):
         if str(peer.get('pubkey', '')).lower() == target:
             return peer.get('displayName')
     return None
-
-
-def resolve(daemon, session, to, explicit_mesh):
-    """Pick the mesh and the target of `to` (spec/daemon.md §8.3, meshd table)."""
-    # Resolution may reuse a roster read moments ago (join and leave events forget it).
-    max_age = daemon.timings['roster_cache_ttl']
-
-    if explicit_mesh is not None and explicit_mesh not in daemon.meshes:
-        raise RpcError.of(NOT_FOUND, 'mesh_not_attached', 'mesh not attached: %s' % explicit_mesh,
-                          mesh=explicit_mesh)
-    if to == '*' or to.startswith('@'):
-        return Resolution(_fallback_mesh(daemon, session, explicit_mesh), to, False)
-    if _FULL_KEY.match(to):
-        target = to.lower()
-        if explicit_mesh:
-            peers = _read_rosters(daemon, [explicit_mesh], max_age)[explicit_mesh]
-            return Resolution(explicit_mesh, target, True, _name_for(peers, target),
-                              _online(peers, target))
-        rosters = _read_rosters(daemon, sorted(daemon.meshes), max_age)
-        hits = [slug for slug, peers in rosters.items() if peers and any(
-            str(p.get('pubkey', '')).lower() == target
-            or str(p.get('memberPubkey', '')).lower() == target for p in peers)]
-        if len(hits) > 1:
-            raise RpcError.of(MESH_CHOICE, 'mesh_required',
-                              '"%s" matches peers on %d meshes — pick one with mesh'
-                              % (to, len(hits)), to=to, meshes=hits, candidates=[])
-        slug = hits[0] if hits else _fallback_mesh(daemon, session, None)
-        peers = rosters.get(slug)
-        return Resolution(slug, target, True, _name_for(peers, target), _online(peers, target))
-    kind = 'prefix' if _PREFIX.match(to) else 'name'
-    scope = [explicit_mesh] if explicit_mesh else sorted(daemon.meshes)
-    rosters = _read_rosters(daemon, scope, max_age)
-    hits, seen = [], set()
-    for slug in scope:
-        for peer in rosters.get(slug) or []:
-            if _is_control_plane(peer):
-                continue
-            pubkey = str(peer.get('pubkey', '')).lower()
-            if kind == 'prefix':
-                needle = to.lower()
-                matched = (pubkey.startswith(needle)
-                           or str(peer.get('memberPubkey', '')).lower().startswith(needle))
-            else:
-                matched = str(peer.get('displayName', '')).lower() == to.lower()
-            if matched and pubkey not in seen:
-                seen.add(pubkey)
-                hits.append((slug, peer))
-    candidates = [{'display_name': p.get('displayName'), 'pubkey': p.get('pubkey'), 'mesh': s}
-                  for s, p in hits]
-    if not hits:
-        unreachable = [slug for slug in scope if rosters.get(slug) is None]
-        where = ('on mesh "%s"' % explicit_mesh) if explicit_mesh else 'on any joined mesh'
-        raise RpcError.of(NOT_FOUND, 'peer_not_found', 'No peer matches "%s" %s' % (to, where),
-                          to=to, meshes=scope, unreachable=unreachable)
-    meshes = sorted({slug for slug, _peer in hits})
-    if len(meshes) > 1 and not explicit_mesh:
-        raise RpcError.of(MESH_CHOICE, 'mesh_required',
-                          '"%s" matches peers on %d meshes — pick one with mesh'
-                          % (to, len(meshes)), to=to, meshes=meshes, candidates=candidates)
-    if len(hits) > 1:
-        raise RpcError.of(MESH_CHOICE, 'ambiguous', 'Ambiguous %s "%s" — matches %d peers.'
-                          % (kind, to, len(hits)), to=to, kind=kind, mesh=meshes[0],
-                          candidates=candidates)
-    slug, peer = hits[0]
-    target = str(peer.get('pubkey')).lower()
-    return Resolution(slug, target, True, peer.get('displayName'), True)

@@ -1,16 +1,18 @@
 """The session registry: registered agent sessions, by token and by session id (spec/daemon.md §4).
 
-Secret keys live in memory only (`presence`); the `sessions` table holds the bindings
-needed to rehydrate after a restart, never a secret key. Hooks let the daemon open and
-close session links; a hook that raises never undoes a registry mutation.
+Secret keys live in memory only (`presence`) and in each session's 0600 key file; the
+`sessions` table holds the bindings needed to rehydrate after a restart, never a secret
+key. Hooks let the daemon open and close session links; a hook that raises never undoes
+a registry mutation. At start, sessions whose process still runs are revived with a fresh
+parent attestation (rehydrate).
 """
 import json
 import logging
 
-from storage import db as storage_db
+from rpc.protocol import CONFLICT, RpcError
 from storage.models import Session
 
-from meshd import clock, procs
+from meshd import clock, crypto, keystore, procs
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,12 @@ class SessionInfo:
 
 
 class SessionRegistry:
-    """In-memory registry with write-through persistence to the `sessions` table."""
+    """In-memory registry with write-through persistence to the `sessions` table of `store`;
+    presented keypairs are kept in the key files under `paths` for rehydration."""
 
-    def __init__(self):
+    def __init__(self, store, paths):
+        self.store = store
+        self.paths = paths
         self.by_token = {}
         self.by_session_id = {}
         self.persist_enabled = False
@@ -89,6 +94,23 @@ class SessionRegistry:
         if prior.pid == info.pid:
             return None
         return prior
+
+    def admit(self, info, replace=False):
+        """Register a session from the API; its presented keypair is kept for rehydration.
+
+        A session id that another live process holds is refused unless `replace`: taking
+        it over silently would kill the first session's token and overwrite its key file.
+        """
+        holder = self.holder(info)
+        if holder is not None and not replace:
+            raise RpcError.of(CONFLICT, 'session_exists',
+                              'session %s is held by another live process (pid %d); pass '
+                              'replace to take it over' % (info.session_id, holder.pid),
+                              session_id=info.session_id, pid=holder.pid)
+        if info.presence is not None:
+            keystore.remember(self.paths, info.mesh, info.session_id, info.session_pubkey,
+                              info.presence['session_secret_key'])
+        return self.register(info)
 
     def register(self, info):
         """Store `info`, replacing a prior entry of the same session id; fire the hooks.
@@ -129,19 +151,17 @@ class SessionRegistry:
             except Exception:
                 log.exception('session hook failed')
 
-    # -- persistence -------------------------------------------------------------------
+    # -- persistence and rehydration -----------------------------------------------------
 
     def _persist_upsert(self, info):
         if not self.persist_enabled:
             return
         try:
-            with storage_db.writing():
-                (Session.insert(token=info.token, session_id=info.session_id, mesh=info.mesh,
-                                display_name=info.display_name, pid=info.pid, cwd=info.cwd,
-                                role=info.role, groups=json.dumps(info.groups),
-                                start_time=info.start_time, registered_at=info.registered_at)
-                 .on_conflict_replace()
-                 .execute())
+            self.store.write(Session.save_binding, token=info.token,
+                             session_id=info.session_id, mesh=info.mesh,
+                             display_name=info.display_name, pid=info.pid, cwd=info.cwd,
+                             role=info.role, groups=json.dumps(info.groups),
+                             start_time=info.start_time, registered_at=info.registered_at)
         except Exception as exc:
             log.warning('sessions_persist_failed', extra={'fields': {'err': str(exc)}})
 
@@ -149,16 +169,15 @@ class SessionRegistry:
         if not self.persist_enabled:
             return
         try:
-            with storage_db.writing():
-                Session.delete().where(Session.token == token).execute()
+            self.store.write(Session.remove, [token])
         except Exception as exc:
             log.warning('sessions_persist_failed', extra={'fields': {'err': str(exc)}})
 
-    def persisted_rows(self):
+    def _persisted_rows(self):
         """Valid persisted rows as SessionInfo (no presence); invalid rows are deleted."""
         valid, invalid = [], []
-        with storage_db.reading():
-            rows = list(Session.select())
+        with self.store.reading():
+            rows = Session.every()
         for row in rows:
             token_ok = (isinstance(row.token, str) and len(row.token) == 64
                         and all(c in '0123456789abcdef' for c in row.token))
@@ -173,11 +192,42 @@ class SessionRegistry:
                                      row.pid, row.cwd, row.role, groups, row.start_time,
                                      row.registered_at))
         if invalid:
-            with storage_db.writing():
-                Session.delete().where(Session.token.in_(invalid)).execute()
+            self.store.write(Session.remove, invalid)
         return valid
 
-    def delete_rows_except(self, tokens):
-        """After rehydration: drop persisted rows that were not revived."""
-        with storage_db.writing():
-            return Session.delete().where(Session.token.not_in(list(tokens))).execute()
+    def rehydrate(self, meshes):
+        """Revive persisted sessions whose process still runs (spec/daemon.md §4.5), each
+        with its stored keypair and a fresh attestation from its mesh in `meshes`; drop the
+        rest. Persistence is on from here."""
+        try:
+            rows = self._persisted_rows()
+        except Exception as exc:
+            log.warning('session_rehydrate_scan_failed', extra={'fields': {'err': str(exc)}})
+            self.persist_enabled = True
+            return
+        revived = []
+        for info in rows:
+            try:
+                if not procs.is_alive(info.pid):
+                    continue
+                live = procs.start_time(info.pid)
+                if info.start_time and live and not procs.same_start(info.start_time, live):
+                    continue
+                mesh = meshes.get(info.mesh)
+                if mesh is None:
+                    continue
+                keypair = keystore.load_or_create(self.paths, mesh['slug'], info.session_id)
+                info.presence = crypto.session_presence(
+                    mesh['pubkey'], mesh['secretKey'], keypair.public_key, keypair.secret_key,
+                    clock.now_ms())
+                self.register(info)
+                revived.append(info.token)
+            except Exception as exc:
+                log.warning('session_rehydrate_failed', extra={'fields': {
+                    'token': info.token[:8], 'mesh': info.mesh, 'err': str(exc)}})
+        self.store.write(Session.keep_only, revived)
+        self.persist_enabled = True
+        if rows:
+            # claudemesh writes this info line to stderr; meshd keeps the stream.
+            log.warning('sessions_rehydrated', extra={'fields': {
+                'revived': len(revived), 'persisted': len(rows)}})

@@ -5,7 +5,9 @@ permanently; whichever attempt first reaches `open` carries sends, RPCs and clie
 and `close()` stops the loop at any point, even during a backoff wait. Closes and handshake
 errors are classified (spec/wire.md §1): a ban stops the link, clock and auth rejections
 wait longer, anything else reconnects with jittered backoff. Subclasses build the hello and
-filter pushes: MemberLink (one per mesh) and SessionLink (one per session with presence).
+filter pushes: MemberLink and SessionLink (meshd/broker_link.py). A link knows only what
+its constructor gives it: the mesh, its timings, the supervisor that runs its greenlets,
+and `on_open`, called each time it opens (the drain is woken there).
 """
 import json
 import logging
@@ -15,10 +17,10 @@ import time
 
 import gevent
 import gevent.event
-import gevent.pool
 import websocket
 
 from meshd.clock import iso_from_ms
+from meshd.greenlets import LOG
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,12 @@ class Link:
     kind = 'link'
     log_prefix = 'broker_'
 
-    def __init__(self, daemon, mesh, url):
-        self.daemon = daemon
+    def __init__(self, mesh, url, timings, supervisor, on_open=None):
         self.mesh = mesh
         self.url = url
-        self.timings = daemon.timings
+        self.timings = timings
+        self.supervisor = supervisor
+        self._on_open = on_open
         self.status = 'closed'
         self.state = 'ok'
         self.detail = None
@@ -76,12 +79,12 @@ class Link:
         self._greenlet = None
         # Pushes are stored concurrently so that the group writer commits them together;
         # a full pool blocks the read loop, which is the backpressure on the broker.
-        self._pushes = gevent.pool.Pool(PUSH_CONCURRENCY)
+        self._pushes = supervisor.pool(PUSH_CONCURRENCY, 'pushes:%s' % mesh['slug'])
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self):
-        self._greenlet = self.daemon.spawn('%s:%s' % (self.kind, self.name), self._run)
+        self._greenlet = self.supervisor.spawn('%s:%s' % (self.kind, self.name), self._run)
         return self
 
     @property
@@ -172,8 +175,10 @@ class Link:
             self.state, self.detail, self.retry_at = 'ok', None, None
             self._set_status('open')
             self._log('info', 'ws_hello_acked', url=self.url)
-            watchdog = gevent.spawn(self._watchdog, ws)
-            self.on_open()
+            watchdog = self.supervisor.spawn('watchdog:%s' % self.name, self._watchdog, ws,
+                                             on_crash=LOG)
+            if self._on_open is not None:
+                self._on_open()
             self._read_loop(ws)
         except LinkClosed as closed:
             return self._after_close(closed.code, closed.reason)
@@ -257,8 +262,7 @@ class Link:
 
     def _watchdog(self, ws):
         interval = self.timings['link_ping_interval']
-        while True:
-            gevent.sleep(interval)
+        while not self._closed.wait(interval):
             idle = time.monotonic() - self._last_activity
             if idle > self.timings['link_stale_after']:
                 self._log('warning', 'ws_stale_terminate', url=self.url,
@@ -426,9 +430,6 @@ class Link:
 
     def build_hello(self):
         raise NotImplementedError
-
-    def on_open(self):
-        self.daemon.wake_drain()
 
     def on_closed(self, code, reason):
         pass

@@ -116,12 +116,11 @@ class Connection:
 
 
 class CallContext:
-    """What a handler sees: the connection, its session (resolved per call) and the app."""
+    """What a handler sees: the connection and its session (resolved per call)."""
 
     def __init__(self, server, conn):
         self.server = server
         self.conn = conn
-        self.app = server.app
         self._session = None
         self._resolved = False
 

@@ -36,16 +36,15 @@ LISTEN_BACKLOG = 128
 
 
 class RpcServer:
-    """Serves a Registry on a Unix socket (mode 0600, same-uid peers) and optional TCP."""
+    """Serves a MethodTable on a Unix socket (mode 0600, same-uid peers) and optional TCP."""
 
-    def __init__(self, registry, socket_path, tcp_port=None, tcp_token=None,
-                 session_resolver=None, app=None, limits=None, public_methods=()):
-        self.registry = registry
+    def __init__(self, methods, socket_path, tcp_port=None, tcp_token=None,
+                 session_resolver=None, limits=None, public_methods=()):
+        self.methods = methods
         self.socket_path = socket_path
         self.tcp_port = tcp_port
         self._tcp_token = tcp_token
         self.session_resolver = session_resolver
-        self.app = app
         self.public_methods = frozenset(public_methods)  # callable on TCP before `auth`
         self.stopping = gevent.event.Event()
         self.limits = limits or Limits()
@@ -260,7 +259,7 @@ class RpcServer:
 
     def _is_pipelined(self, message):
         try:
-            return isinstance(message, dict) and self.registry.get(message.get('method')).pipelined
+            return isinstance(message, dict) and self.methods.get(message.get('method')).pipelined
         except RpcError:
             return False
 
@@ -293,7 +292,7 @@ class RpcServer:
 
     def _is_stream_method(self, name):
         try:
-            return self.registry.get(name).stream
+            return self.methods.get(name).stream
         except RpcError:
             return False
 
@@ -345,7 +344,7 @@ class RpcServer:
         name = message.get('method')
         if not isinstance(name, str):
             raise _invalid_request("'method' must be a string")
-        method = self.registry.get(name)
+        method = self.methods.get(name)
         params = message.get('params', {})
         if params is None:
             params = {}
@@ -362,14 +361,14 @@ class RpcServer:
     # -- built-in methods --------------------------------------------------------------
 
     def _register_builtins(self):
-        registry = self.registry
+        methods = self.methods
 
-        @registry.method('rpc.list', result='{api, methods:[{name, help, params, result, session}]}')
+        @methods.method('rpc.list', result='{api, methods:[{name, help, params, result, session}]}')
         def rpc_list(ctx):
             """List every method with its one-line help, parameters and session requirement."""
-            return {'api': 'v1', 'methods': registry.describe()}
+            return {'api': 'v1', 'methods': methods.describe()}
 
-        @registry.method('auth', result='{ok}')
+        @methods.method('auth', result='{ok}')
         def auth(ctx, token: str):
             """Authenticate a TCP connection with the local token (accepted on the Unix socket)."""
             expected = self._tcp_token or ''

@@ -1,18 +1,10 @@
-"""Schema migrations of meshd.db, numbered by `PRAGMA user_version` (DESIGN.md 5).
+"""The daemon's schema migrations (meshd.db), numbered by `PRAGMA user_version` (DESIGN.md 5).
 
-Each migration is frozen SQL, deliberately independent of the models in storage.models: a
-later change to a model must not change what migration 1 created on an old database. A
-test checks that migrating from 0 gives the schema of `create_tables(MODELS)`.
+Frozen SQL, run by storage/migrate.py: a later change to a model in storage/models.py must
+not change what an old migration created. A test checks that migrating from 0 gives the
+schema of the models.
 """
-import logging
-import os
-import sqlite3
-
-from storage.db import StorageError, create_private_file, writing
-
-log = logging.getLogger(__name__)
-
-AUTO_VACUUM_INCREMENTAL = 2
+from storage.migrate import Migration, head
 
 _INITIAL_SCHEMA = (
     'CREATE TABLE "outbox" ("id" TEXT NOT NULL PRIMARY KEY, '
@@ -58,18 +50,6 @@ _INITIAL_SCHEMA = (
     '"recipient_kind" TEXT, "recipient_pubkey" TEXT, "data" TEXT NOT NULL)',
     'CREATE INDEX "events_recipient" ON "events" ("recipient_pubkey")',
 )
-
-
-def _create_initial(database):
-    for statement in _INITIAL_SCHEMA:
-        database.execute_sql(statement)
-
-
-def _add_link_queue_index(database):
-    # The drain reads each link's pending rows in acceptance order: with only
-    # (status, next_attempt_at) every pass sorted all pending rows of every link.
-    database.execute_sql('CREATE INDEX "outbox_link_queue" ON "outbox" '
-                         '("status", "mesh", "sender_session_pubkey")')
 
 
 _OUTBOX_V3 = (
@@ -124,87 +104,17 @@ _INBOX_V3 = (
 )
 
 
-def _dedupe_inbox_by_sender(database):
+MIGRATIONS = [
+    Migration(1, _INITIAL_SCHEMA, doc='outbox, inbox, sessions, idempotency, events'),
+    # The drain reads each link's pending rows in acceptance order: with only
+    # (status, next_attempt_at) every pass sorted all pending rows of every link.
+    Migration(2, ['CREATE INDEX "outbox_link_queue" ON "outbox" '
+                  '("status", "mesh", "sender_session_pubkey")'],
+              doc='one link\'s pending rows in rowid order'),
     # The inbox kept one row per (client_message_id, recipient): a member who knew or
     # guessed another member's id could suppress that member's DM (DESIGN.md 6). The
     # outbox gains the terminal status `undelivered` (the broker reported the DM lost).
     # SQLite cannot alter a CHECK or a NOT NULL, so both tables are rebuilt.
-    for statement in _OUTBOX_V3 + _INBOX_V3:
-        database.execute_sql(statement)
-
-
-MIGRATIONS = [(1, _create_initial), (2, _add_link_queue_index), (3, _dedupe_inbox_by_sender)]
-HEAD = MIGRATIONS[-1][0]
-
-
-class SchemaTooNewError(StorageError):
-    """The database was written by a newer meshd than this one."""
-
-    def __init__(self, found, head):
-        self.found = found
-        self.head = head
-        super().__init__('database schema version %d is newer than this meshd supports (%d); '
-                         'upgrade meshd or move the database aside' % (found, head))
-
-
-def schema_version(database):
-    """The database's `PRAGMA user_version`."""
-    return database.execute_sql('PRAGMA user_version').fetchone()[0]
-
-
-def backup_path(path, version):
-    """Where the copy taken before migrating from `version` goes."""
-    return '%s.pre-migration-v%d' % (path, version)
-
-
-def _copy_aside(database, path, version):
-    """Copy the database with SQLite's online backup, which includes committed WAL pages."""
-    target = backup_path(path, version)
-    if os.path.exists(target):
-        os.unlink(target)
-    create_private_file(target)
-    dest = sqlite3.connect(target)
-    try:
-        database.connection().backup(dest)
-    finally:
-        dest.close()
-    return target
-
-
-def enable_incremental_vacuum(database):
-    """Let pruning give pages back to the file system (`PRAGMA incremental_vacuum`).
-
-    In WAL mode the setting takes effect only through a VACUUM, even on an empty file; it
-    rewrites the file once (outside any transaction, at start-up, after the copy aside).
-    """
-    if database.execute_sql('PRAGMA auto_vacuum').fetchone()[0] == AUTO_VACUUM_INCREMENTAL:
-        return
-    database.execute_sql('PRAGMA auto_vacuum = INCREMENTAL')
-    database.execute_sql('VACUUM')
-    log.info('database set to incremental vacuum')
-
-
-def migrate(database, path):
-    """Bring the database at `path` to HEAD; return (from_version, to_version).
-
-    The file is copied aside before the first migration runs on a database that already
-    has a schema. A schema newer than HEAD raises SchemaTooNewError and changes nothing.
-    """
-    found = schema_version(database)
-    if found > HEAD:
-        raise SchemaTooNewError(found, HEAD)
-    if found == HEAD:
-        return found, found
-    has_tables = database.execute_sql(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
-    if found > 0 or has_tables:
-        copy = _copy_aside(database, path, found)
-        log.info('database copied aside before migration: %s', copy)
-    enable_incremental_vacuum(database)
-    for number, step in MIGRATIONS:
-        if number <= found:
-            continue
-        with writing(database):
-            step(database)
-            database.execute_sql('PRAGMA user_version = %d' % number)
-    return found, HEAD
+    Migration(3, _OUTBOX_V3 + _INBOX_V3, doc='inbox deduplicated per sender; undelivered'),
+]
+HEAD = head(MIGRATIONS)

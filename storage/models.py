@@ -1,22 +1,40 @@
 """peewee models of meshd.db: outbox, inbox, sessions, idempotency, events (spec/daemon.md §3).
 
-Query helpers are classmethods named for what they mean and return a base query that the
-caller may extend. Models hold no network or crypto code. Times are Unix epoch milliseconds.
+The models are bound to `database`, a proxy that the daemon's Store opens. Every statement
+the daemon runs is a classmethod named for what it means, next to its model: callers run
+writes through the store (`store.write(Outbox.claim, ids, now, lease_ms)`) and reads inside
+`store.reading()`, and never write SQL of their own. The per-message paths are hand-written
+SQL (building a peewee query cost more than running it). Models hold no network or crypto
+code, and no clock: times are Unix epoch milliseconds passed in by the caller.
 """
-from peewee import SQL, BlobField, IntegerField, Model, TextField
+from peewee import SQL, BlobField, DatabaseProxy, IntegerField, Model, TextField
 from playhouse.sqlite_ext import AutoIncrementField
-
-from storage.db import db
 
 OUTBOX_STATUSES = ('pending', 'inflight', 'done', 'dead', 'aborted', 'undelivered')
 FINISHED_STATUSES = ('done', 'dead', 'aborted', 'undelivered')
 RETENTION_MS = 30 * 24 * 3600 * 1000
 EVENT_LOG_KEEP = 10000
 
+database = DatabaseProxy()
+
+
+def _placeholders(values):
+    return ', '.join('?' * len(values))
+
+
+def _execute(sql, params=()):
+    return database.execute_sql(sql, params)
+
+
+def _delete_batch(table, condition, params, limit):
+    """Delete up to `limit` rows of `table` matching `condition`; return how many."""
+    return _execute('DELETE FROM "%s" WHERE rowid IN (SELECT rowid FROM "%s" WHERE %s LIMIT ?)'
+                    % (table, table, condition), list(params) + [limit]).rowcount
+
 
 class BaseModel(Model):
     class Meta:
-        database = db
+        database = database
         legacy_table_names = False
 
 
@@ -50,12 +68,70 @@ class Outbox(BaseModel):
         table_name = 'outbox'
 
     @classmethod
+    def accept(cls, row, fingerprint, now):
+        """Insert an accepted row and its idempotency key (one transaction: the caller's)."""
+        cls.insert(**row).execute()
+        Idempotency.insert(client_message_id=row['client_message_id'],
+                           request_fingerprint=fingerprint, outbox_id=row['id'],
+                           created_at=now).execute()
+
+    @classmethod
     def newest(cls, status=None, limit=50):
         """Rows newest first, optionally of one status."""
         query = cls.select()
         if status is not None:
             query = query.where(cls.status == status)
-        return query.order_by(cls.enqueued_at.desc(), cls.id.desc()).limit(limit)
+        return list(query.order_by(cls.enqueued_at.desc(), cls.id.desc()).limit(limit))
+
+    @classmethod
+    def by_id(cls, row_id):
+        return cls.get_or_none(cls.id == row_id)
+
+    @classmethod
+    def due_for_link(cls, mesh, session_pubkey, now, limit):
+        """A link's due pending rows in acceptance (rowid) order, through outbox_link_queue:
+        a link that is closed, full or backed up costs the others nothing, and no pass
+        sorts the whole queue."""
+        return list(cls.raw(
+            'SELECT * FROM "outbox" INDEXED BY "outbox_link_queue" '
+            'WHERE "status" = \'pending\' AND "mesh" = ? AND "sender_session_pubkey" IS ? '
+            'AND "next_attempt_at" <= ? ORDER BY "outbox".rowid LIMIT ?',
+            mesh, session_pubkey, now, limit))
+
+    @classmethod
+    def unroutable(cls, meshes, session_pubkeys, now, limit):
+        """Due rows no open link will read: their mesh was left or their session is gone."""
+        return list(cls.select()
+                    .where((cls.status == 'pending') & (cls.next_attempt_at <= now)
+                           & (cls.mesh.not_in(list(meshes))
+                              | (cls.sender_session_pubkey.is_null(False)
+                                 & cls.sender_session_pubkey.not_in(list(session_pubkeys)))))
+                    .order_by(cls.enqueued_at, cls.id)
+                    .limit(limit))
+
+    @classmethod
+    def claim(cls, ids, now, lease_ms):
+        """Claim the still-pending rows among `ids` (one UPDATE … RETURNING); their ids."""
+        cursor = _execute(
+            'UPDATE "outbox" SET "status" = \'inflight\', "attempts" = "attempts" + 1, '
+            '"next_attempt_at" = ? WHERE "status" = \'pending\' AND "id" IN (%s) RETURNING "id"'
+            % _placeholders(ids), [now + lease_ms] + list(ids))
+        return {row[0] for row in cursor.fetchall()}
+
+    @classmethod
+    def finish(cls, row_id, status, **fields):
+        """The outcome of an inflight row (one per message sent)."""
+        fields['status'] = status
+        return _execute('UPDATE "outbox" SET %s WHERE "id" = ? AND "status" = \'inflight\''
+                        % ', '.join('"%s" = ?' % name for name in fields),
+                        list(fields.values()) + [row_id]).rowcount
+
+    @classmethod
+    def expire_pending(cls, now):
+        """Pending rows past their expiry become dead (`expired`); return how many."""
+        return (cls.update(status='dead', last_error='expired')
+                .where((cls.status == 'pending') & (cls.expires_at <= now))
+                .execute())
 
     @classmethod
     def recover_inflight(cls, now):
@@ -79,9 +155,33 @@ class Outbox(BaseModel):
         return cls.update(status='undelivered', last_error=reason).where(condition).execute()
 
     @classmethod
-    def prunable(cls, cutoff):
-        """Finished rows accepted before `cutoff`."""
-        return cls.status.in_(FINISHED_STATUSES) & (cls.enqueued_at < cutoff)
+    def requeue(cls, row_id, new_id, new_cmid, now, aborted_by):
+        """Abort a pending, inflight, dead or undelivered row and queue a copy of it under
+        `new_cmid` (spec/daemon.md §3.1.4); None, or why not: 'not_allowed' or 'in_use'."""
+        row = cls.by_id(row_id)
+        if row is None or row.status in ('aborted', 'done'):
+            return 'not_allowed'
+        if Idempotency.lookup(new_cmid) is not None:
+            return 'in_use'
+        (cls.update(status='aborted', aborted_at=now, aborted_by=aborted_by,
+                    superseded_by=new_id)
+         .where((cls.id == row_id)
+                & cls.status.in_(('pending', 'inflight', 'dead', 'undelivered')))
+         .execute())
+        copy = {name: getattr(row, name) for name in (
+            'request_fingerprint', 'payload', 'mesh', 'target_spec', 'nonce', 'ciphertext',
+            'priority', 'sender_session_pubkey')}
+        copy.update(id=new_id, client_message_id=new_cmid, enqueued_at=now, attempts=0,
+                    next_attempt_at=now, status='pending',
+                    expires_at=now + (row.expires_at - row.enqueued_at))
+        cls.accept(copy, row.request_fingerprint, now)
+        return None
+
+    @classmethod
+    def prune(cls, cutoff, limit):
+        """Delete up to `limit` finished rows accepted before `cutoff`; return how many."""
+        return _delete_batch('outbox', '"status" IN (%s) AND "enqueued_at" < ?'
+                             % ', '.join("'%s'" % s for s in FINISHED_STATUSES), [cutoff], limit)
 
 
 class Inbox(BaseModel):
@@ -126,6 +226,62 @@ class Inbox(BaseModel):
                 | (cls.recipient_pubkey == session_pubkey)
                 | (cls.recipient_pubkey == member_pubkey))
 
+    @classmethod
+    def insert_if_new(cls, row):
+        """INSERT OR IGNORE on inbox_dedupe: True for a new row, False for a duplicate."""
+        return _execute('INSERT OR IGNORE INTO "inbox" (%s) VALUES (%s)'
+                        % (', '.join('"%s"' % name for name in row), _placeholders(row)),
+                        list(row.values())).rowcount == 1
+
+    @classmethod
+    def listing(cls, scope, since=None, topic=None, sender=None, mesh=None, unread_only=False,
+                limit=100):
+        """The rows in `scope`, newest first, with the filters of inbox.list."""
+        query = cls.select().where(cls.in_scope(scope))
+        if since is not None:
+            query = query.where(cls.received_at >= since)
+        if topic is not None:
+            query = query.where(cls.topic == topic)
+        if sender is not None:
+            query = query.where(cls.sender_pubkey == sender)
+        if mesh is not None:
+            query = query.where(cls.mesh == mesh)
+        if unread_only:
+            query = query.where(cls.seen_at.is_null())
+        return list(query.order_by(cls.received_at.desc(), cls.id).limit(limit))
+
+    @classmethod
+    def ids_in_scope(cls, ids, scope):
+        return [row.id for row in cls.select(cls.id).where(cls.id.in_(ids) & cls.in_scope(scope))]
+
+    @classmethod
+    def mark_seen(cls, ids, now):
+        """Stamp unseen rows among `ids`; rows already seen keep their first timestamp."""
+        if not ids:
+            return 0
+        return (cls.update(seen_at=now)
+                .where(cls.id.in_(ids) & cls.seen_at.is_null())
+                .execute())
+
+    @classmethod
+    def flush(cls, scope, mesh=None, before=None):
+        """Delete the rows in `scope`, optionally of one mesh and received before `before`."""
+        condition = cls.in_scope(scope)
+        if mesh is not None:
+            condition &= cls.mesh == mesh
+        if before is not None:
+            condition &= cls.received_at < before
+        return cls.delete().where(condition).execute()
+
+    @classmethod
+    def delete_one(cls, row_id, scope):
+        return cls.delete().where((cls.id == row_id) & cls.in_scope(scope)).execute()
+
+    @classmethod
+    def prune(cls, cutoff, limit):
+        """Delete up to `limit` rows received before `cutoff`; return how many."""
+        return _delete_batch('inbox', '"received_at" < ?', [cutoff], limit)
+
 
 class Session(BaseModel):
     """A persisted session binding, without any secret key (spec/daemon.md §3.4)."""
@@ -143,6 +299,24 @@ class Session(BaseModel):
     class Meta:
         table_name = 'sessions'
 
+    @classmethod
+    def save_binding(cls, **fields):
+        """Insert or replace the row of `fields['token']`."""
+        cls.insert(**fields).on_conflict_replace().execute()
+
+    @classmethod
+    def remove(cls, tokens):
+        return cls.delete().where(cls.token.in_(list(tokens))).execute()
+
+    @classmethod
+    def keep_only(cls, tokens):
+        """After rehydration: drop the rows that were not revived."""
+        return cls.delete().where(cls.token.not_in(list(tokens))).execute()
+
+    @classmethod
+    def every(cls):
+        return list(cls.select())
+
 
 class Idempotency(BaseModel):
     """The key ledger of `send` (spec/daemon.md §3.5)."""
@@ -153,6 +327,22 @@ class Idempotency(BaseModel):
 
     class Meta:
         table_name = 'idempotency'
+
+    @classmethod
+    def lookup(cls, client_message_id):
+        """(stored fingerprint, its outbox row or None), or None for a key never used."""
+        key = cls.get_or_none(cls.client_message_id == client_message_id)
+        if key is None:
+            return None
+        return bytes(key.request_fingerprint), Outbox.by_id(key.outbox_id)
+
+    @classmethod
+    def prune(cls, cutoff, limit):
+        """Delete up to `limit` keys older than `cutoff` whose row is no longer queued (a
+        ttl over 30 days keeps its key taken); return how many."""
+        return _delete_batch('idempotency', '"created_at" < ? AND "outbox_id" NOT IN '
+                             '(SELECT "id" FROM "outbox" WHERE "status" IN '
+                             '(\'pending\', \'inflight\'))', [cutoff], limit)
 
 
 class Event(BaseModel):
@@ -170,9 +360,28 @@ class Event(BaseModel):
         table_name = 'events'
 
     @classmethod
-    def after(cls, seq):
-        """Events with a sequence number above `seq`, oldest first."""
-        return cls.select().where(cls.seq > seq).order_by(cls.seq)
+    def append(cls, epoch, kind, ts, mesh, recipient_kind, recipient_pubkey, data):
+        """Insert one event (in the caller's transaction); return its seq."""
+        return _execute('INSERT INTO "events" ("epoch", "kind", "ts", "mesh", "recipient_kind", '
+                        '"recipient_pubkey", "data") VALUES (?, ?, ?, ?, ?, ?, ?)',
+                        (epoch, kind, ts, mesh, recipient_kind, recipient_pubkey,
+                         data)).lastrowid
+
+    @classmethod
+    def clear(cls):
+        return cls.delete().execute()
+
+    @classmethod
+    def trim(cls, newest=None, keep=EVENT_LOG_KEEP):
+        """Keep the newest `keep` rows; return how many were removed."""
+        if newest is None:
+            newest = cls.newest_seq()
+        return cls.delete().where(cls.seq <= newest - keep).execute()
+
+    @classmethod
+    def after(cls, seq, epoch):
+        """Events of `epoch` with a sequence number above `seq`, oldest first."""
+        return list(cls.select().where((cls.seq > seq) & (cls.epoch == epoch)).order_by(cls.seq))
 
     @classmethod
     def newest_seq(cls):
@@ -182,11 +391,21 @@ class Event(BaseModel):
 
     @classmethod
     def oldest_seq(cls):
-        """The lowest retained sequence number, None when the log is empty."""
+        """The lowest retained sequence number, None when it is empty."""
         return cls.select(cls.seq).order_by(cls.seq.asc()).limit(1).scalar()
 
 
-# Indexes carry the names of spec/daemon.md §3 so that migration 1 and the models agree.
+def return_free_pages(pages):
+    """Give up to `pages` free pages back to the file system (incremental vacuum); return
+    how many it gave. The pragma frees one page per step of its statement, and Python's
+    sqlite3 steps a statement without result columns only once: one page per execution."""
+    before = _execute('PRAGMA freelist_count').fetchone()[0]
+    for _ in range(min(before, pages)):
+        _execute('PRAGMA incremental_vacuum(1)')
+    return before - _execute('PRAGMA freelist_count').fetchone()[0]
+
+
+# Indexes carry the names of spec/daemon.md §3 so that the migrations and the models agree.
 Outbox.add_index(Outbox.index(Outbox.status, Outbox.next_attempt_at, name='outbox_pending'))
 Outbox.add_index(Outbox.index(Outbox.status, Outbox.aborted_at, name='outbox_aborted',
                               where=SQL("status = 'aborted'")))

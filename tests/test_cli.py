@@ -5,7 +5,7 @@ import secrets
 import uuid
 
 from meshd import __version__
-from storage import migrations
+from storage.migrations import HEAD
 from tests.base import MeshdTestCase, make_mesh, wait_for
 
 
@@ -26,7 +26,7 @@ class DetachedDaemonTest(MeshdTestCase):
         status = self.run_cli('daemon', 'status')
         self.assertEqual(status.returncode, 0)
         self.assertIn('daemon: running (pid %d)' % started['pid'], status.stdout)
-        self.assertIn('daemon %s (ipc v1, schema %d)' % (__version__, migrations.HEAD),
+        self.assertIn('daemon %s (ipc v1, schema %d)' % (__version__, HEAD),
                       status.stdout)
         again = self.run_cli('daemon', 'up')
         self.assertEqual(again.returncode, 0)

@@ -11,12 +11,16 @@ import stat
 import subprocess
 
 from meshd import api, container
+from meshd.api.daemon_methods import DaemonMethods
+from meshd.api.events import EventMethods
 from meshd.bus import EventBus
 from rpc.protocol import MAX_LINE
-from rpc.registry import Registry
+from rpc.methods import MethodTable
 from rpc.server import RpcServer
-from storage import db as storage_db
-from storage import migrations
+from storage import migrate
+from storage.migrations import MIGRATIONS
+from storage.models import database as models_database
+from storage.store import Store
 
 from tests.base import DEADLINE, MeshdTestCase, wait_for
 
@@ -610,29 +614,20 @@ class PeerUidTest(RpcTestCase):
 class InProcessServerTest(RpcTestCase):
     """The RPC server and the API table in this process, to look at the bus behind them."""
 
-    class App:
-        """The parts of the Daemon that events.subscribe uses."""
-
-        def __init__(self, bus):
-            self.bus = bus
-            self.epoch = bus.epoch
-            self.timings = {'events_keepalive': 0.1}
-            self.schema_version = migrations.HEAD
-
-        def member_pubkey(self, slug):
-            return None
-
     def setUp(self):
         super().setUp()
-        path = os.path.join(self.home, 'meshd.db')
-        storage_db.open_database(path)
-        self.addCleanup(storage_db.close_database)
-        migrations.migrate(storage_db.db, path)
-        self.bus = EventBus('epoch-x')
-        registry = Registry()
-        api.register(registry)
+        self.store = Store(models_database).open_sqlite(os.path.join(self.home, 'meshd.db'))
+        self.addCleanup(self.store.close)
+        migrate.migrate(self.store, MIGRATIONS)
+        self.bus = EventBus(self.store, 'epoch-x')
+        methods = MethodTable()
+        # The method groups get what they use, so the test builds them from real parts.
+        api.register(methods, [
+            EventMethods(self.bus, 0.1, lambda slug: None),
+            DaemonMethods(lambda: ('epoch-x', migrate.schema_version(self.store)),
+                          lambda: {'ok': True}, lambda: {'ok': True}, None)])
         self.socket_path = os.path.join(self.home, 'rpc.sock')
-        self.server = RpcServer(registry, self.socket_path, app=self.App(self.bus))
+        self.server = RpcServer(methods, self.socket_path)
         self.server.start()
         self.addCleanup(self.server.stop, 1.0)
 

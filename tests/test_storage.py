@@ -1,7 +1,7 @@
 """The storage layer: schema and migrations, file modes, the write lock, model helpers, pruning.
 
 In-process, on file databases in short temp dirs (never an in-memory one, DESIGN.md 8), through the
-module-level `storage.db.db` that the daemon uses; every test opens its own file and closes it.
+daemon's models and a storage.Store; every test opens its own file and closes it.
 """
 import os
 import re
@@ -16,8 +16,11 @@ from peewee import IntegrityError
 
 from meshd.bus import EventBus
 from meshd.pruner import Pruner
-from storage import db as storage_db
-from storage import migrations
+from storage import migrate
+from storage.errors import SchemaTooNewError, StorageError
+from storage.migrations import HEAD, MIGRATIONS
+from storage.models import database as models_database
+from storage.store import Store
 from storage.models import MODELS, Event, Idempotency, Inbox, Outbox, Session
 from meshd.clock import now_ms
 
@@ -86,15 +89,25 @@ class StorageTestCase(MeshdTestCase):
         return os.path.join(self.home, name)
 
     def open(self, path):
-        storage_db.open_database(path)
-        self.addCleanup(storage_db.close_database)
-        return storage_db.db
+        self.store = Store(models_database).open_sqlite(path)
+        self.addCleanup(self.store.close)
+        return self.store.database
+
+    def migrate(self):
+        return migrate.migrate(self.store, MIGRATIONS, incremental_vacuum=True)
 
     def open_migrated(self, name='meshd.db'):
-        path = self.path(name)
-        database = self.open(path)
-        migrations.migrate(database, path)
+        database = self.open(self.path(name))
+        self.migrate()
         return database
+
+    def run_migrations(self, until):
+        """Run migrations 1..until by hand, as an older meshd left its database."""
+        with self.store.writing():
+            for migration in MIGRATIONS[:until]:
+                for statement in migration.sqlite:
+                    self.store.database.execute_sql(statement)
+            self.store.database.execute_sql('PRAGMA user_version = %d' % until)
 
 
 class MigrationTest(StorageTestCase):
@@ -102,14 +115,14 @@ class MigrationTest(StorageTestCase):
     def test_migrating_from_zero_gives_the_schema_of_create_tables(self):
         migrated = self.path('migrated.db')
         database = self.open(migrated)
-        self.assertEqual(migrations.schema_version(database), 0)
-        migrations.migrate(database, migrated)
-        storage_db.close_database()
+        self.assertEqual(migrate.schema_version(self.store), 0)
+        self.migrate()
+        self.store.close()
 
         created = self.path('created.db')
         database = self.open(created)
         database.create_tables(MODELS)
-        storage_db.close_database()
+        self.store.close()
 
         expected, actual = schema_of(created), schema_of(migrated)
         self.assertEqual(sorted(actual), sorted(expected))
@@ -128,15 +141,15 @@ class MigrationTest(StorageTestCase):
 
     def test_migrate_sets_head_and_a_second_migrate_is_a_noop(self):
         path = self.path()
-        database = self.open(path)
-        self.assertEqual(migrations.migrate(database, path), (0, migrations.HEAD))
-        self.assertEqual(migrations.schema_version(database), migrations.HEAD)
-        with storage_db.writing():
+        self.open(path)
+        self.assertEqual(self.migrate(), (0, HEAD))
+        self.assertEqual(migrate.schema_version(self.store), HEAD)
+        with self.store.writing():
             Session.create(token='a' * 64, session_id='s', mesh='m', display_name='d', pid=1,
                            registered_at=1)
         before = schema_of(path)
-        self.assertEqual(migrations.migrate(database, path), (migrations.HEAD, migrations.HEAD))
-        self.assertEqual(migrations.schema_version(database), migrations.HEAD)
+        self.assertEqual(self.migrate(), (HEAD, HEAD))
+        self.assertEqual(migrate.schema_version(self.store), HEAD)
         self.assertEqual(schema_of(path), before)
         self.assertEqual(Session.select().count(), 1)
         self.assertEqual([name for name in os.listdir(self.home) if 'pre-migration' in name], [])
@@ -150,15 +163,15 @@ class MigrationTest(StorageTestCase):
         conn.commit()
         conn.close()
         before = schema_of(path)
-        database = self.open(path)
-        with self.assertRaises(migrations.SchemaTooNewError) as caught:
-            migrations.migrate(database, path)
-        self.assertIsInstance(caught.exception, storage_db.StorageError)
-        self.assertEqual((caught.exception.found, caught.exception.head), (99, migrations.HEAD))
+        self.open(path)
+        with self.assertRaises(SchemaTooNewError) as caught:
+            self.migrate()
+        self.assertIsInstance(caught.exception, StorageError)
+        self.assertEqual((caught.exception.found, caught.exception.head), (99, HEAD))
         numbers = re.findall(r'\d+', str(caught.exception))
         self.assertIn('99', numbers)
-        self.assertIn(str(migrations.HEAD), numbers)
-        storage_db.close_database()
+        self.assertIn(str(HEAD), numbers)
+        self.store.close()
         self.assertEqual(user_version(path), 99)
         self.assertEqual(schema_of(path), before)
         conn = sqlite3.connect(path)
@@ -173,13 +186,13 @@ class MigrationTest(StorageTestCase):
         conn.execute("INSERT INTO notes VALUES ('keep me')")
         conn.commit()
         conn.close()
-        database = self.open(path)
+        self.open(path)
         previous = os.umask(0)
         try:
-            self.assertEqual(migrations.migrate(database, path), (0, migrations.HEAD))
+            self.assertEqual(self.migrate(), (0, HEAD))
         finally:
             os.umask(previous)
-        copy = migrations.backup_path(path, 0)
+        copy = migrate.backup_path(path, 0)
         self.assertTrue(os.path.exists(copy), copy)
         self.assertEqual(mode_of(copy), 0o600, oct(mode_of(copy)))
         # The copy is the database as it was before migration 1 ran.
@@ -188,33 +201,28 @@ class MigrationTest(StorageTestCase):
         conn = sqlite3.connect(copy)
         self.assertEqual(conn.execute('SELECT body FROM notes').fetchall(), [('keep me',)])
         conn.close()
-        self.assertEqual(migrations.schema_version(database), migrations.HEAD)
+        self.assertEqual(migrate.schema_version(self.store), HEAD)
         self.assertIn('outbox', schema_of(path))
 
 
     def test_a_version_1_database_gains_the_link_queue_index_and_keeps_its_rows(self):
         path = self.path()
-        database = self.open(path)
-        with storage_db.writing():
-            migrations.MIGRATIONS[0][1](database)
-            database.execute_sql('PRAGMA user_version = 1')
+        self.open(path)
+        self.run_migrations(1)
         Outbox.insert(**outbox_row(id='kept')).execute()
         self.assertNotIn('outbox_link_queue', schema_of(path)['outbox']['indexes'])
-        self.assertEqual(migrations.migrate(database, path), (1, migrations.HEAD))
+        self.assertEqual(self.migrate(), (1, HEAD))
         self.assertEqual(schema_of(path)['outbox']['indexes']['outbox_link_queue']['columns'],
                          ['status', 'mesh', 'sender_session_pubkey'])
         self.assertEqual([row.id for row in Outbox.select()], ['kept'])
-        self.assertEqual(user_version(migrations.backup_path(path, 1)), 1)
+        self.assertEqual(user_version(migrate.backup_path(path, 1)), 1)
 
     def test_a_version_2_database_is_rebuilt_for_dedupe_by_sender_without_losing_rows(self):
         """Migration 3: the inbox key gains mesh and sender, recipients become NOT NULL, the
         outbox accepts `undelivered`; every row of both tables survives."""
         path = self.path()
         database = self.open(path)
-        with storage_db.writing():
-            for number, step in migrations.MIGRATIONS[:2]:
-                step(database)
-            database.execute_sql('PRAGMA user_version = 2')
+        self.run_migrations(2)
         columns = ('id', 'client_message_id', 'mesh', 'sender_pubkey', 'sender_name', 'body',
                    'received_at', 'recipient_pubkey')
         old_rows = [('one', 'cm-1', 'm', 'ab' * 32, 'peer', 'first', 1, 'aa' * 32),
@@ -224,7 +232,7 @@ class MigrationTest(StorageTestCase):
             database.execute_sql('INSERT INTO inbox (%s) VALUES (%s)'
                                  % (', '.join(columns), ', '.join('?' * len(columns))), row)
         Outbox.insert(**outbox_row(id='queued')).execute()
-        self.assertEqual(migrations.migrate(database, path), (2, migrations.HEAD))
+        self.assertEqual(self.migrate(), (2, HEAD))
         rows = {row.id: row for row in Inbox.select()}
         self.assertEqual(sorted(rows), ['legacy', 'one', 'two'])
         self.assertEqual((rows['one'].body, rows['two'].body, rows['legacy'].recipient_pubkey),
@@ -232,12 +240,12 @@ class MigrationTest(StorageTestCase):
         self.assertEqual({row.e2e for row in rows.values()}, {0})
         self.assertEqual([row.id for row in Outbox.select()], ['queued'])
         Outbox.update(status='undelivered').where(Outbox.id == 'queued').execute()
-        with storage_db.writing():  # a second sender's row with the same id now fits
+        with self.store.writing():  # a second sender's row with the same id now fits
             Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32,
                                      sender_pubkey='cd' * 32))
         self.assertEqual(Inbox.select().where(Inbox.client_message_id == 'cm-1').count(), 3)
         self.assertEqual(database.execute_sql('PRAGMA auto_vacuum').fetchone()[0],
-                         migrations.AUTO_VACUUM_INCREMENTAL)
+                         migrate.AUTO_VACUUM_INCREMENTAL)
 
 
 class DaemonSchemaTest(StorageTestCase):
@@ -258,7 +266,7 @@ class DaemonSchemaTest(StorageTestCase):
         self.assertNotIn('Traceback', daemon.stderr())
         numbers = re.findall(r'\d+', lines[0])
         self.assertIn('99', numbers, lines[0])
-        self.assertIn(str(migrations.HEAD), numbers, lines[0])
+        self.assertIn(str(HEAD), numbers, lines[0])
         self.assertEqual(user_version(path), 99)
         self.assertFalse(os.path.exists(os.path.join(daemon_dir, 'meshd.sock')))
         self.assertFalse(os.path.exists(os.path.join(daemon_dir, 'meshd.pid')))
@@ -271,7 +279,7 @@ class FileModeTest(StorageTestCase):
         previous = os.umask(0)
         try:
             self.open_migrated()
-            with storage_db.writing():
+            with self.store.writing():
                 Session.create(token='b' * 64, session_id='s', mesh='m', display_name='d',
                                pid=1, registered_at=1)
         finally:
@@ -291,7 +299,7 @@ class WriteLockTest(StorageTestCase):
 
         def writer(name):
             for number in range(rows):
-                with storage_db.writing():
+                with self.store.writing():
                     trace.append(('begin', name))
                     Idempotency.create(client_message_id='%s-%d' % (name, number),
                                        request_fingerprint=b'\x00' * 32, outbox_id='o',
@@ -322,20 +330,20 @@ class WriteLockTest(StorageTestCase):
 
     def test_reader_is_not_blocked_by_an_open_write_transaction(self):
         self.open_migrated()
-        with storage_db.writing():
+        with self.store.writing():
             Session.create(token='c' * 64, session_id='before', mesh='m', display_name='d',
                            pid=1, registered_at=1)
         in_transaction, release = gevent.event.Event(), gevent.event.Event()
 
         def writer():
-            with storage_db.writing():
+            with self.store.writing():
                 Session.create(token='d' * 64, session_id='during', mesh='m',
                                display_name='d', pid=1, registered_at=2)
                 in_transaction.set()
                 release.wait(DEADLINE)
 
         def reader():
-            with storage_db.reading():
+            with self.store.reading():
                 return sorted(row.session_id for row in Session.select())
 
         writing = gevent.spawn(writer)
@@ -362,14 +370,14 @@ class ModelTest(StorageTestCase):
 
     def test_recover_inflight_resets_only_inflight_rows(self):
         old = now_ms() - 60000
-        with storage_db.writing():
+        with self.store.writing():
             for status in ('pending', 'inflight', 'done', 'dead', 'aborted'):
                 Outbox.create(**outbox_row(id=status, status=status, attempts=3,
                                            next_attempt_at=old))
             Outbox.create(**outbox_row(id='inflight-2', status='inflight', attempts=7,
                                        next_attempt_at=old))
         now = now_ms()
-        with storage_db.writing():
+        with self.store.writing():
             self.assertEqual(Outbox.recover_inflight(now), 2)
         rows = {row.id: row for row in Outbox.select()}
         for row_id, attempts in (('inflight', 3), ('inflight-2', 7)):
@@ -385,7 +393,7 @@ class ModelTest(StorageTestCase):
         session, member = '5e' * 32, '3b' * 32
         recipients = {'legacy': '', 'mine': session, 'member': member,
                       'sibling': '7c' * 32, 'other-member': '9d' * 32}
-        with storage_db.writing():
+        with self.store.writing():
             for row_id, recipient in recipients.items():
                 Inbox.create(**inbox_row(id=row_id, recipient_pubkey=recipient))
         scoped = sorted(row.id for row in Inbox.select().where(Inbox.in_scope((session, member))))
@@ -395,12 +403,12 @@ class ModelTest(StorageTestCase):
 
     def test_inbox_dedupe_index_is_per_sender_and_recipient(self):
         """The id alone was the key: a second sender's DM with the same id was dropped."""
-        with storage_db.writing():
+        with self.store.writing():
             Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32))
         with self.assertRaises(IntegrityError):
-            with storage_db.writing():
+            with self.store.writing():
                 Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32))
-        with storage_db.writing():
+        with self.store.writing():
             Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='bb' * 32))
             Inbox.create(**inbox_row(client_message_id='cm-1', recipient_pubkey='aa' * 32,
                                      sender_pubkey='cd' * 32))
@@ -415,7 +423,7 @@ class PrunerTest(StorageTestCase):
         self.open_migrated()
         now = now_ms()
         old, edge, recent = now - 31 * DAY_MS, now - 30 * DAY_MS, now - 29 * DAY_MS
-        with storage_db.writing():
+        with self.store.writing():
             for name, received in (('old', old), ('edge', edge), ('recent', recent)):
                 Inbox.create(**inbox_row(id='inbox-' + name, received_at=received))
             for status in ('pending', 'inflight', 'done', 'dead', 'aborted'):
@@ -426,7 +434,7 @@ class PrunerTest(StorageTestCase):
                 Idempotency.create(client_message_id='key-' + name,
                                    request_fingerprint=b'\x02' * 32, outbox_id='recent-done',
                                    created_at=created)
-        removed = Pruner(EventBus('epoch-x')).step(now=now)
+        removed = Pruner(self.store, EventBus(self.store, 'epoch-x')).step(now=now)
         self.assertEqual(removed.get('inbox'), 1, removed)
         self.assertEqual(removed.get('outbox'), 3, removed)
         self.assertEqual(removed.get('idempotency'), 1, removed)
@@ -437,7 +445,7 @@ class PrunerTest(StorageTestCase):
                                    ('pending', 'inflight', 'done', 'dead', 'aborted')]))
         self.assertEqual([row.client_message_id for row in Idempotency.select()], ['key-recent'])
         # A second pass finds nothing more to do.
-        again = Pruner(EventBus('epoch-x')).step(now=now)
+        again = Pruner(self.store, EventBus(self.store, 'epoch-x')).step(now=now)
         self.assertEqual((again.get('inbox'), again.get('outbox'), again.get('idempotency')),
                          (0, 0, 0))
         self.assertEqual(Event.select().count(), 0)
@@ -448,23 +456,23 @@ class PrunerTest(StorageTestCase):
         2.4-2.9 s) and the file never shrank (auto_vacuum off)."""
         path = self.path()
         self.open_migrated()
-        writer = gevent.spawn(storage_db.writer.run)
-        self.addCleanup(lambda: (storage_db.writer.stop(5), writer.join(5)))
+        writer = gevent.spawn(self.store.writer.run)
+        self.addCleanup(lambda: (self.store.writer.stop(5), writer.join(5)))
         gevent.sleep(0)  # the writer runs: from here writes are queued to it
         old = now_ms() - 31 * DAY_MS
         rows = [inbox_row(received_at=old, body='x' * 500) for _ in range(6000)]
-        with storage_db.writing():
+        with self.store.writing():
             for start in range(0, len(rows), 500):
                 Inbox.insert_many(rows[start:start + 500]).execute()
-        storage_db.db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)')
+        self.store.database.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)')
         size_before = os.path.getsize(path)
-        pruner = Pruner(EventBus('epoch-x'), batch=200)
+        pruner = Pruner(self.store, EventBus(self.store, 'epoch-x'), batch=200)
         pruning = gevent.spawn(pruner.step)
         done_while_pruning = []
         deadline = time.monotonic() + DEADLINE
         while (not pruning.ready() and time.monotonic() < deadline
                and len(done_while_pruning) < 50):
-            storage_db.write(lambda: Inbox.create(**inbox_row()))
+            self.store.write(lambda: Inbox.create(**inbox_row()))
             if not pruning.ready():
                 done_while_pruning.append(True)
         removed = pruning.get()
@@ -472,15 +480,15 @@ class PrunerTest(StorageTestCase):
         # Other writes were committed between the prune's batches, not after all of them.
         self.assertGreaterEqual(len(done_while_pruning), 5)
         self.assertGreater(removed['pages'], 0)
-        storage_db.db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)')
+        self.store.database.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)')
         self.assertLess(os.path.getsize(path), size_before / 2)
 
 
 class GroupWriterTest(StorageTestCase):
 
     def start_writer(self):
-        writer = gevent.spawn(storage_db.writer.run)
-        self.addCleanup(lambda: (storage_db.writer.stop(5), writer.join(5)))
+        writer = gevent.spawn(self.store.writer.run)
+        self.addCleanup(lambda: (self.store.writer.stop(5), writer.join(5)))
         gevent.sleep(0)
         return writer
 
@@ -491,7 +499,7 @@ class GroupWriterTest(StorageTestCase):
         holding, release = gevent.event.Event(), gevent.event.Event()
 
         def hold():
-            with storage_db.writing():
+            with self.store.writing():
                 holding.set()
                 release.wait(DEADLINE)
         holder = gevent.spawn(hold)
@@ -515,11 +523,11 @@ class GroupWriterTest(StorageTestCase):
         def big():
             database.execute_sql('PRAGMA max_page_count = %d' % (pages + 3))
             return Event.create(epoch='e', kind='big', ts='t', data='x' * 200000).seq
-        jobs = [gevent.spawn(storage_db.write, small, 'a'), gevent.spawn(storage_db.write, big),
-                gevent.spawn(storage_db.write, small, 'c')]
+        jobs = [gevent.spawn(self.store.write, small, 'a'), gevent.spawn(self.store.write, big),
+                gevent.spawn(self.store.write, small, 'c')]
         gevent.joinall(jobs, timeout=DEADLINE)
-        storage_db.write(lambda: database.execute_sql('PRAGMA max_page_count = 1073741823'))
-        with storage_db.reading():
+        self.store.write(lambda: database.execute_sql('PRAGMA max_page_count = 1073741823'))
+        with self.store.reading():
             committed = [event.kind for event in Event.select()]
         for job in jobs:
             if job.successful():
@@ -539,8 +547,8 @@ class GroupWriterTest(StorageTestCase):
             raise RuntimeError('disk I/O error')
         let_go = self.hold_write_lock()
         # Queued together, so that they share one batch.
-        first = gevent.spawn(storage_db.write, end_the_transaction)
-        second = gevent.spawn(storage_db.writer.execute, lambda: Event.create(
+        first = gevent.spawn(self.store.write, end_the_transaction)
+        second = gevent.spawn(self.store.writer.execute, lambda: Event.create(
             epoch='e', kind='small', ts='t', data='{}').seq)
         gevent.sleep(0)
         let_go()
@@ -548,14 +556,14 @@ class GroupWriterTest(StorageTestCase):
         self.assertTrue(second.ready(), 'execute() still waiting')
         self.assertFalse(first.successful())
         self.assertFalse(second.successful())
-        with storage_db.reading():
+        with self.store.reading():
             self.assertEqual(Event.select().count(), 0)
 
     def test_writes_queued_when_the_writer_stops_still_run(self):
         self.open_migrated()
         self.start_writer()
-        storage_db.writer.stop(5)
-        seq = storage_db.write(lambda: Event.create(epoch='e', kind='late', ts='t', data='{}').seq)
+        self.store.writer.stop(5)
+        seq = self.store.write(lambda: Event.create(epoch='e', kind='late', ts='t', data='{}').seq)
         self.assertTrue(seq)
 
     def test_write_inside_writing_from_another_greenlet_runs_inline(self):
@@ -564,8 +572,8 @@ class GroupWriterTest(StorageTestCase):
         self.start_writer()
 
         def nested():
-            with storage_db.writing():
-                return storage_db.write(
+            with self.store.writing():
+                return self.store.write(
                     lambda: Event.create(epoch='e', kind='nested', ts='t', data='{}').seq)
         job = gevent.spawn(nested)
         job.join(timeout=DEADLINE)
@@ -574,7 +582,7 @@ class GroupWriterTest(StorageTestCase):
     def test_execute_returns_once_the_write_ran_before_its_commit(self):
         self.open_migrated()
         self.start_writer()
-        writer = storage_db.writer
+        writer = self.store.writer
         gate = gevent.event.Event()
         let_go = self.hold_write_lock()
         early = gevent.spawn(writer.execute, lambda: Event.create(
@@ -594,7 +602,7 @@ class GroupWriterTest(StorageTestCase):
     def test_queued_writes_report_after_their_commit_in_order_and_a_failed_submit_stays_its_own(self):
         self.open_migrated()
         self.start_writer()
-        writer = storage_db.writer
+        writer = self.store.writer
         let_go = self.hold_write_lock()
         # The writer waits on the lock the holder has, so everything below queues up.
         results = [writer.write_async(lambda n=n: Event.create(
@@ -606,7 +614,7 @@ class GroupWriterTest(StorageTestCase):
         let_go()
         seqs = [result.get(timeout=DEADLINE) for result in results]
         self.assertEqual(seqs, sorted(seqs))
-        storage_db.write(lambda: None)  # queued after the submits: they have committed
-        with storage_db.reading():
+        self.store.write(lambda: None)  # queued after the submits: they have committed
+        with self.store.reading():
             kinds = [event.kind for event in Event.select().order_by(Event.seq)]
         self.assertEqual(kinds, ['k0', 'k1', 'k2', 'k3', 'k4', 'fire'])

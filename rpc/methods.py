@@ -96,7 +96,7 @@ def _article(type_name):
     return ('an ' if type_name[0] in 'aeiou' else 'a ') + type_name
 
 
-class Registry:
+class MethodTable:
     """The method table. A name registered twice raises ValueError."""
 
     def __init__(self):
