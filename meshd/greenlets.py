@@ -81,6 +81,12 @@ class Supervisor:
             self.group.join(timeout=timeout)
         self.group.kill(timeout=timeout)
 
+    def join_except(self, keep, timeout):
+        """Wait up to `timeout` for every greenlet but `keep` (one the caller stops itself,
+        such as a writer that must outlive the others) to end."""
+        others = [g for g in self.group.greenlets if g is not keep]
+        gevent.joinall(others, timeout=timeout)
+
     def kill(self, timeout):
         """Kill every greenlet at once (an aborted start)."""
         self.stopping.set()

@@ -1,13 +1,16 @@
-"""Shared test helpers: short temp homes, real daemon processes, waiting with deadlines.
+"""Shared test helpers: short temp homes, real daemons and brokers, waiting with deadlines.
 
-Tests wait on conditions with generous deadlines, never on fixed sleeps, and every process
-or directory they create is registered for cleanup. Deadlines scale with
-MESHD_TEST_TIME_FACTOR for slow machines.
+Tests wait on conditions with generous deadlines, never on fixed sleeps, and every process,
+server or directory they create is registered for cleanup. One deadline, DEADLINE, scales
+with MESHD_TEST_TIME_FACTOR for slow machines. Brokers run in the test process (nose2 runs
+patched, so they serve while a test waits) through start_broker(); members are enrolled
+with enrol(); daemons are `meshd daemon up --foreground` processes (DaemonProcess).
 """
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,8 +18,9 @@ import time
 import unittest
 
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
+from rpc.protocol import MAX_LINE
 
-from meshd import crypto
+from meshd import clock, crypto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, 'meshd.py')
@@ -49,6 +53,13 @@ def make_mesh(slug, broker_url='ws://127.0.0.1:9/ws'):
     return {'meshId': 'mesh-%s' % slug, 'memberId': 'member-%s' % slug, 'slug': slug,
             'name': slug, 'pubkey': public, 'secretKey': secret, 'brokerUrl': broker_url,
             'joinedAt': '2026-01-01T00:00:00.000Z'}
+
+
+def presence_for(mesh):
+    """A valid `presence` for sessions.register on a config.json mesh entry."""
+    public, secret = crypto.generate_keypair()
+    return crypto.session_presence(mesh['pubkey'], mesh['secretKey'], public, secret,
+                                   clock.now_ms(), ttl_ms=3600 * 1000)
 
 
 def meshd_env(home, timings=None, **extra):
@@ -173,3 +184,173 @@ class MeshdTestCase(unittest.TestCase):
         config.update(top_level)
         config_mod.save_config(os.path.join(home or self.home, 'config.json'), config)
         return config
+
+
+# -- brokers and members -------------------------------------------------------------------
+
+PG_ENV = 'MESHD_TEST_PG_URL'
+
+
+def pg_url():
+    """The PostgreSQL URL of the PostgreSQL variants, or a skip (a failure when CI is set)."""
+    url = os.environ.get(PG_ENV)
+    if not url:
+        if os.environ.get('CI'):
+            raise AssertionError('%s must be set in CI (every test runs in CI)' % PG_ENV)
+        raise unittest.SkipTest('%s is not set' % PG_ENV)
+    return url
+
+
+def start_broker(test, db=None, port=0, timings=None, **kwargs):
+    """A BrokerServer in this process on 127.0.0.1:`port` (0: a free one), on `db` (an
+    SQLite file in a short temp dir when None; a PostgreSQL URL is emptied first), stopped
+    and removed at the test's cleanup."""
+    from meshd.broker import store as broker_store
+    from meshd.broker.server import BrokerServer
+    if db is None:
+        tmp = short_tempdir()
+        test.addCleanup(shutil.rmtree, tmp, True)
+        db = os.path.join(tmp, 'broker.db')
+    elif broker_store.sqlite_path(db) is None:
+        store = broker_store.open_store(db, migrate_schema=False)
+        try:
+            broker_store.drop_all(store)
+        finally:
+            store.close()
+    broker = BrokerServer(listen='127.0.0.1:%d' % port, db=db, timings=timings, **kwargs)
+    broker.start()
+    test.addCleanup(broker.stop)
+    return broker
+
+
+class Member:
+    """A member key enrolled in a mesh of a broker (and, with session(), session keys)."""
+
+    def __init__(self, mesh, member_id, name, pub, sec):
+        self.mesh_id = mesh['id']
+        self.slug = mesh['slug']
+        self.member_id = member_id
+        self.name = name
+        self.pub, self.sec = pub, sec
+
+    @classmethod
+    def from_entry(cls, entry, name):
+        """The member of a config.json mesh entry (what a daemon's hello is made from)."""
+        return cls({'id': entry['meshId'], 'slug': entry['slug']}, entry['memberId'], name,
+                   entry['pubkey'], entry['secretKey'])
+
+    def session(self):
+        """A fresh session keypair (pub, sec)."""
+        return crypto.generate_keypair()
+
+    def entry(self, broker_url):
+        """This member as a config.json mesh entry of a daemon joined through `broker_url`."""
+        return {'meshId': self.mesh_id, 'memberId': self.member_id, 'slug': self.slug,
+                'name': self.slug, 'pubkey': self.pub, 'secretKey': self.sec,
+                'brokerUrl': broker_url, 'joinedAt': '2026-01-01T00:00:00.000Z'}
+
+
+def create_mesh(store, name, slug=None):
+    """A mesh in the broker database of `store`; its admin.create_mesh answer."""
+    from meshd.broker import admin
+    with store.connection():
+        return admin.create_mesh(store, name, slug=slug)
+
+
+def enrol(store, mesh, name, role='member'):
+    """Enroll a fresh member key in `mesh` (a create_mesh answer); return its Member."""
+    from meshd.broker import admin
+    pub, sec = crypto.generate_keypair()
+    with store.connection():
+        result = admin.add_member(store, mesh['slug'], pub, name, role=role)
+    return Member(mesh, result['memberId'], name, pub, sec)
+
+
+# -- raw RPC sockets -------------------------------------------------------------------------
+
+def request(request_id, method, params=None):
+    message = {'jsonrpc': '2.0', 'id': request_id, 'method': method}
+    if params is not None:
+        message['params'] = params
+    return message
+
+
+def notification(method, params=None):
+    message = {'jsonrpc': '2.0', 'method': method}
+    if params is not None:
+        message['params'] = params
+    return message
+
+
+def line(obj):
+    return json.dumps(obj, separators=(',', ':')).encode('utf-8') + b'\n'
+
+
+class Raw:
+    """A raw client socket: write bytes, read lines, see exactly what the daemon sent."""
+
+    def __init__(self, sock, timeout=10.0):
+        sock.settimeout(timeout)
+        self.sock = sock
+        self.rfile = sock.makefile('rb')
+
+    @classmethod
+    def unix(cls, path):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10.0)
+        sock.connect(path)
+        return cls(sock)
+
+    @classmethod
+    def tcp(cls, address):
+        host, _, port = address.rpartition(':')
+        return cls(socket.create_connection((host, int(port)), timeout=10.0))
+
+    def close(self):
+        for closable in (self.rfile, self.sock):
+            try:
+                closable.close()
+            except OSError:
+                pass
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def send_json(self, obj):
+        self.send(line(obj))
+
+    def read_line(self):
+        try:
+            return self.rfile.readline(4 * MAX_LINE)
+        except socket.timeout:
+            raise AssertionError('no line from the daemon within the timeout')
+
+    def read_json(self):
+        data = self.read_line()
+        if not data:
+            raise AssertionError('the daemon closed the connection instead of answering')
+        if not data.endswith(b'\n'):
+            raise AssertionError('answer not ended by a newline: %r' % data[:200])
+        return json.loads(data)
+
+    def read_to_end(self, reset_ok=False):
+        """Every byte the daemon sends until it closes the connection in order (b'' on read).
+
+        With `reset_ok`, a reset also counts as closed: for a peer the daemon refuses before
+        reading anything, the request left unread makes the kernel reset the connection.
+        """
+        received = b''
+        try:
+            while True:
+                chunk = self.rfile.readline(4 * MAX_LINE)
+                if not chunk:
+                    return received
+                received += chunk
+        except socket.timeout:
+            raise AssertionError('the daemon did not close the connection; got %r'
+                                 % received[:200])
+        except ConnectionResetError:
+            if reset_ok:
+                return received
+            raise AssertionError('the connection was reset instead of closed (EOF) after %r'
+                                 % received[:200])

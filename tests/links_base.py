@@ -12,9 +12,8 @@ import time
 import uuid
 
 from meshd import crypto
-from meshd.broker import admin, store
-from meshd.broker.server import BrokerServer
-from tests.base import MeshdTestCase, short_tempdir, wait_for
+from tests.base import (MeshdTestCase, create_mesh, enrol, short_tempdir, start_broker,
+                        wait_for)
 
 DAEMON_TIMINGS = {'link_backoff_scale': 0.05, 'drain_poll': 0.2, 'link_hello_timeout': 5.0,
                   'clock_check_interval': 0.5}
@@ -35,15 +34,12 @@ class LinksTestCase(MeshdTestCase):
         self.broker_db = os.path.join(self.broker_dir, 'broker.db')
         self.broker = None
         self.start_broker(port=0)
-        with store.connection():
-            self.mesh = admin.create_mesh('Team', slug='team')
+        self.mesh = create_mesh(self.broker.store, 'Team', slug='team')
 
     def start_broker(self, port):
         timings = dict(BROKER_TIMINGS, **self.broker_timings)
-        self.broker = BrokerServer(listen='127.0.0.1:%d' % port, db=self.broker_db,
-                                   timings=timings, **self.broker_kwargs)
-        self.broker.start()
-        self.addCleanup(self.broker.stop)
+        self.broker = start_broker(self, self.broker_db, port=port, timings=timings,
+                                   **self.broker_kwargs)
         return self.broker
 
     def restart_broker(self):
@@ -55,14 +51,8 @@ class LinksTestCase(MeshdTestCase):
 
     def member(self, name, mesh=None, role='member', broker_url=None):
         """Enroll a member key; return its config.json entry."""
-        mesh = mesh or self.mesh
-        pub, sec = crypto.generate_keypair()
-        with store.connection():
-            result = admin.add_member(mesh['slug'], pub, name, role=role)
-        return {'meshId': mesh['id'], 'memberId': result['memberId'], 'slug': mesh['slug'],
-                'name': mesh['slug'], 'pubkey': pub, 'secretKey': sec,
-                'brokerUrl': broker_url or self.broker.url,
-                'joinedAt': '2026-01-01T00:00:00.000Z'}
+        member = enrol(self.broker.store, mesh or self.mesh, name, role=role)
+        return member.entry(broker_url or self.broker.url)
 
     def daemon(self, entries, home=None, timings=None, wait_open=True):
         """A daemon process with its own home and these mesh entries."""

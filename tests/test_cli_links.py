@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 from tests.base import DEADLINE, ENTRY, ROOT, meshd_env, short_tempdir, wait_for
-from tests.broker.base import Peer, hello_frame, Identity
+from tests.base import Member
+from tests.broker.base import Peer, hello_frame
 from tests.links_base import LinksTestCase
 
 
@@ -100,9 +101,7 @@ class MessagingCliTest(LinksTestCase):
         admin_ident = self.member('boss', role='admin')
         peer = Peer(self.broker.url)
         self.addCleanup(peer.close)
-        ident = Identity(admin_ident['meshId'], admin_ident['memberId'], 'boss',
-                         admin_ident['pubkey'], admin_ident['secretKey'])
-        peer.send(hello_frame(ident))
+        peer.send(hello_frame(Member.from_entry(admin_ident, 'boss')))
         peer.expect('hello_ack', skip=('push',))
         peer.send({'type': 'kick', 'target': 'kick-me', '_reqId': 'k1'})
         wait_for(lambda: self.db.call('daemon.health')['sessions'][token[:8]]['state'] == 'kicked',

@@ -9,8 +9,7 @@ import socket
 
 from rpc.admission import TCP_CAPACITY, UDS_CAPACITY
 from rpc.client import RpcClient
-from tests.base import DEADLINE, MeshdTestCase, wait_for
-from tests.test_rpc import Raw, line, request
+from tests.base import DEADLINE, MeshdTestCase, Raw, line, make_mesh, request, wait_for
 
 
 class LocalLimitsTest(MeshdTestCase):
@@ -101,7 +100,6 @@ class LocalLimitsTest(MeshdTestCase):
     def test_a_connection_owing_many_answers_stops_reading_until_they_are_out(self):
         """A per-connection bound on queued work: 3,000 pipelined sends on one connection
         are all answered, in order, while the daemon never holds more than its bound."""
-        from tests.base import make_mesh
         self.write_config([make_mesh('alpha')])
         daemon = self.start_daemon()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -2,8 +2,9 @@
 import signal
 
 from meshd import crypto
-from meshd.broker import admin, store
-from tests.base import wait_for
+from meshd.broker import admin
+from meshd.broker.models import Member
+from tests.base import create_mesh, wait_for
 from tests.links_base import LinksTestCase
 
 
@@ -110,8 +111,7 @@ class ResolutionTest(LinksTestCase):
 
     def setUp(self):
         super().setUp()
-        with store.connection():
-            self.other_mesh = admin.create_mesh('Other', slug='other')
+        self.other_mesh = create_mesh(self.broker.store, 'Other', slug='other')
         self.alice = self.member('alice')
         self.alice_other = self.member('alice-o', mesh=self.other_mesh)
         self.bob = self.member('bob')
@@ -280,8 +280,7 @@ class LifecycleTest(LinksTestCase):
         self.wait_inbox(db, 2)
 
     def test_an_unreachable_mesh_does_not_stall_another(self):
-        with store.connection():
-            dead_mesh = admin.create_mesh('Dead', slug='dead')
+        dead_mesh = create_mesh(self.broker.store, 'Dead', slug='dead')
         alice, bob = self.member('alice'), self.member('bob')
         alice_dead = self.member('alice-d', mesh=dead_mesh, broker_url='ws://127.0.0.1:9/ws')
         da = self.daemon([alice, alice_dead], wait_open=False)
@@ -299,8 +298,8 @@ class LifecycleTest(LinksTestCase):
     def test_revoked_member_stops_reconnecting(self):
         alice, bob = self.member('alice'), self.member('bob')
         da, db = self.daemon([alice]), self.daemon([bob])
-        with store.connection():
-            admin.revoke_member('team', bob['pubkey'])
+        with self.broker.store.connection():
+            admin.revoke_member(self.broker.store, 'team', bob['pubkey'])
         self.wait_link(db, 'team', 'closed')
         health = db.call('daemon.health')['brokers']['team']
         self.assertEqual(health['state'], 'banned')
@@ -311,8 +310,8 @@ class LifecycleTest(LinksTestCase):
         db = self.daemon([bob])
         home = self.home
         daemon = self.start_daemon(timings={'link_backoff_scale': 0.05})
-        with store.connection():
-            link = admin.invite('team', self.broker.url)['link']
+        with self.broker.store.connection():
+            link = admin.invite(self.broker.store, 'team', self.broker.url)['link']
         result = self.run_cli('join', link, '--name', 'newcomer', home=home)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn('✔ joined team', result.stdout)
@@ -356,8 +355,8 @@ class LinkStateTest(LinksTestCase):
 
     def test_an_identity_the_broker_does_not_know_shows_auth_failed(self):
         stranger = self.member('stranger')
-        with store.connection():
-            store.Member.delete().where(store.Member.peer_pubkey == stranger['pubkey']).execute()
+        with self.broker.store.connection():
+            Member.delete().where(Member.peer_pubkey == stranger['pubkey']).execute()
         da = self.daemon([stranger], wait_open=False)
         health = wait_for(lambda: (lambda h: h if h.get('state') == 'auth_failed' else None)(
             da.call('daemon.health')['brokers']['team']), what='auth_failed')

@@ -6,8 +6,7 @@ import uuid
 
 from rpc.protocol import encode, request
 from meshd.clock import now_ms
-from tests.base import MeshdTestCase, make_mesh
-from tests.test_sessions import presence_for
+from tests.base import MeshdTestCase, make_mesh, presence_for
 
 DAY_MS = 24 * 3600 * 1000
 

@@ -8,10 +8,11 @@ import json
 import os
 import socket
 
-from meshd.broker import store
+from meshd.broker.message_queue import MessageQueue
 from rpc.protocol import encode, request
 from tests.base import DEADLINE, wait_for
-from tests.broker.base import Identity, Peer, hello_frame
+from tests.base import Member
+from tests.broker.base import Peer, hello_frame
 from tests.links_base import LinksTestCase
 
 
@@ -39,17 +40,14 @@ class SameClientMessageIdTest(LinksTestCase):
                          sorted([('from alice', alice['pubkey']), ('from carol', carol['pubkey'])]))
         for daemon in (da, dc):
             self.wait_outbox(daemon, 'done')
-        with store.connection():
-            queued = list(store.MessageQueue.select()
-                          .where(store.MessageQueue.client_message_id == 'task-42-result'))
+        queued = self._queue_rows('task-42-result')
         self.assertEqual(len(queued), 2)
         wait_for(lambda: all(r.delivered_at for r in self._queue_rows('task-42-result')),
                  what='both rows acked by bob')
 
     def _queue_rows(self, cmid):
-        with store.connection():
-            return list(store.MessageQueue.select()
-                        .where(store.MessageQueue.client_message_id == cmid))
+        with self.broker.store.connection():
+            return list(MessageQueue.select().where(MessageQueue.client_message_id == cmid))
 
     def test_an_ack_of_one_senders_dm_never_marks_anothers_delivered(self):
         """Finding 1, at the broker: `client_ack` matched `id OR client_message_id`, so bob's
@@ -62,8 +60,7 @@ class SameClientMessageIdTest(LinksTestCase):
             self.wait_outbox(daemon, 'done')
         raw = Peer(self.broker.url)
         self.addCleanup(raw.close)
-        raw.send(hello_frame(Identity(self.mesh['id'], bob['memberId'], 'bob', bob['pubkey'],
-                                      bob['secretKey'])))
+        raw.send(hello_frame(Member.from_entry(bob, 'bob')))
         raw.expect('hello_ack')
         pushes = [raw.expect('push', skip=('peer_joined', 'peer_returned')) for _ in range(2)]
         first = pushes[0]
@@ -85,8 +82,7 @@ class ForgedDirectMessageTest(LinksTestCase):
         da, db = self.daemon([alice]), self.daemon([bob])
         forger = Peer(self.broker.url)
         self.addCleanup(forger.close)
-        forger.send(hello_frame(Identity(self.mesh['id'], mallory['memberId'], 'mallory',
-                                         mallory['pubkey'], mallory['secretKey'])))
+        forger.send(hello_frame(Member.from_entry(mallory, 'mallory')))
         forger.expect('hello_ack')
         forger.send(plain_dm_frame(bob['pubkey'], 'transfer the funds', 'forged-1'))
         self.assertFalse(forger.expect('ack', skip=('peer_joined',)).get('error'))
@@ -128,8 +124,8 @@ class UndeliveredTest(LinksTestCase):
         self.assertEqual([r['body'] for r in self.wait_inbox(db, 1)], ['now you are here'])
 
     def _rows(self):
-        with store.connection():
-            return list(store.MessageQueue.select())
+        with self.broker.store.connection():
+            return list(MessageQueue.select())
 
     def test_the_cli_names_the_brokers_shorter_ttl(self):
         alice, bob = self.member('alice'), self.member('bob')

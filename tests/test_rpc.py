@@ -22,7 +22,8 @@ from storage.migrations import MIGRATIONS
 from storage.models import database as models_database
 from storage.store import Store
 
-from tests.base import DEADLINE, MeshdTestCase, wait_for
+from tests.base import (DEADLINE, MeshdTestCase, Raw, line, notification, request,
+                        wait_for)
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -30,94 +31,6 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 AUTH_ERROR = -32001
 SESSION_MODES = ('none', 'optional', 'required')
-
-
-def request(request_id, method, params=None):
-    message = {'jsonrpc': '2.0', 'id': request_id, 'method': method}
-    if params is not None:
-        message['params'] = params
-    return message
-
-
-def notification(method, params=None):
-    message = {'jsonrpc': '2.0', 'method': method}
-    if params is not None:
-        message['params'] = params
-    return message
-
-
-def line(obj):
-    return json.dumps(obj, separators=(',', ':')).encode('utf-8') + b'\n'
-
-
-class Raw:
-    """A raw client socket: write bytes, read lines, see exactly what the daemon sent."""
-
-    def __init__(self, sock, timeout=10.0):
-        sock.settimeout(timeout)
-        self.sock = sock
-        self.rfile = sock.makefile('rb')
-
-    @classmethod
-    def unix(cls, path):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10.0)
-        sock.connect(path)
-        return cls(sock)
-
-    @classmethod
-    def tcp(cls, address):
-        host, _, port = address.rpartition(':')
-        return cls(socket.create_connection((host, int(port)), timeout=10.0))
-
-    def close(self):
-        for closable in (self.rfile, self.sock):
-            try:
-                closable.close()
-            except OSError:
-                pass
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def send_json(self, obj):
-        self.send(line(obj))
-
-    def read_line(self):
-        try:
-            return self.rfile.readline(4 * MAX_LINE)
-        except socket.timeout:
-            raise AssertionError('no line from the daemon within the timeout')
-
-    def read_json(self):
-        data = self.read_line()
-        if not data:
-            raise AssertionError('the daemon closed the connection instead of answering')
-        if not data.endswith(b'\n'):
-            raise AssertionError('answer not ended by a newline: %r' % data[:200])
-        return json.loads(data)
-
-    def read_to_end(self, reset_ok=False):
-        """Every byte the daemon sends until it closes the connection in order (b'' on read).
-
-        With `reset_ok`, a reset also counts as closed: for a peer the daemon refuses before
-        reading anything, the request left unread makes the kernel reset the connection.
-        """
-        received = b''
-        try:
-            while True:
-                chunk = self.rfile.readline(4 * MAX_LINE)
-                if not chunk:
-                    return received
-                received += chunk
-        except socket.timeout:
-            raise AssertionError('the daemon did not close the connection; got %r'
-                                 % received[:200])
-        except ConnectionResetError:
-            if reset_ok:
-                return received
-            raise AssertionError('the connection was reset instead of closed (EOF) after %r'
-                                 % received[:200])
 
 
 class RpcTestCase(MeshdTestCase):

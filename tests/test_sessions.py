@@ -8,19 +8,7 @@ import uuid
 
 from meshd import crypto, keystore
 from meshd.paths import Paths
-from meshd.clock import now_ms
-from tests.base import MeshdTestCase, make_mesh, wait_for
-
-
-def presence_for(mesh):
-    public, secret = crypto.generate_keypair()
-    wire = crypto.make_attestation(mesh['pubkey'], mesh['secretKey'], public,
-                                   now_ms() + 3600 * 1000)
-    return {'session_pubkey': public, 'session_secret_key': secret,
-            'parent_attestation': {'session_pubkey': public,
-                                   'parent_member_pubkey': mesh['pubkey'],
-                                   'expires_at': wire['expiresAt'],
-                                   'signature': wire['signature']}}
+from tests.base import MeshdTestCase, make_mesh, presence_for, wait_for
 
 
 class SessionsTestCase(MeshdTestCase):

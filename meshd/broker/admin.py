@@ -11,7 +11,8 @@ import time
 
 from meshd import clock, crypto
 from meshd.broker import invite as invite_mod
-from meshd.broker import protocol, store
+from meshd.broker import protocol, store as broker_store
+from meshd.broker.models import Member, Mesh, dumps, loads
 from meshd.exceptions import MeshdError
 
 ANY_HEX64 = re.compile(r'^[0-9a-fA-F]{64}$')
@@ -25,7 +26,7 @@ class AdminError(MeshdError):
 
 def check_owner(url):
     """Refuse to work on an SQLite database (or its directory) owned by another user."""
-    path = store.sqlite_path(url or store.default_path())
+    path = broker_store.sqlite_path(url or broker_store.default_path())
     if path is None:
         return      # PostgreSQL: its own roles decide
     probe = path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))
@@ -65,16 +66,14 @@ def _pubkey(value):
 
 def find_mesh(ref):
     """A mesh by slug or id, or AdminError."""
-    mesh = (store.Mesh.select()
-            .where((store.Mesh.slug == ref) | (store.Mesh.id == ref))
-            .first())
+    mesh = Mesh.by_ref(ref)
     if mesh is None:
         raise AdminError('mesh not found: %s' % ref)
     return mesh
 
 
 def _find_member(mesh, ref):
-    M = store.Member
+    M = Member
     member = (M.select()
               .where((M.mesh_id == mesh.id) & ((M.id == ref) | (M.peer_pubkey == ref.lower())))
               .order_by(M.revoked_at.is_null(False), M.joined_at)
@@ -84,49 +83,48 @@ def _find_member(mesh, ref):
     return member
 
 
-def create_mesh(name, slug=None, admin_pubkey=None, admin_name=None):
+def create_mesh(store, name, slug=None, admin_pubkey=None, admin_name=None):
     """Create a mesh with a fresh owner keypair and root key (and optionally its admin member)."""
     if not name:
         raise AdminError('--name is required')
     slug = slug or slugify(name)
     if admin_pubkey is not None:
         admin_pubkey = _pubkey(admin_pubkey)
-    if store.Mesh.get_or_none(store.Mesh.slug == slug) is not None:
+    if Mesh.get_or_none(Mesh.slug == slug) is not None:
         raise AdminError('slug already taken: %s' % slug)
     owner_pub, owner_sec = crypto.generate_keypair()
     now = clock.utcnow()
     mesh_id = protocol.new_id()
     result = {'id': mesh_id, 'slug': slug, 'name': name, 'owner_pubkey': owner_pub}
     with store.writing():
-        store.Mesh.create(id=mesh_id, name=name, slug=slug, owner_pubkey=owner_pub,
-                          owner_secret_key=owner_sec, root_key=crypto.b64url_nopad(os.urandom(32)),
-                          self_editable=store.dumps(protocol.DEFAULT_SELF_EDITABLE), created_at=now)
+        Mesh.create(id=mesh_id, name=name, slug=slug, owner_pubkey=owner_pub,
+                    owner_secret_key=owner_sec, root_key=crypto.b64url_nopad(os.urandom(32)),
+                    self_editable=dumps(protocol.DEFAULT_SELF_EDITABLE), created_at=now)
         if admin_pubkey is not None:
             member_id = protocol.new_id()
-            store.Member.create(id=member_id, mesh_id=mesh_id, peer_pubkey=admin_pubkey,
-                                display_name=admin_name or '%s-owner' % name, role='admin',
-                                joined_at=now)
+            Member.enrol(id=member_id, mesh_id=mesh_id, peer_pubkey=admin_pubkey,
+                         display_name=admin_name or '%s-owner' % name, role='admin',
+                         joined_at=now)
             result['admin_member_id'] = member_id
     return result
 
 
-def add_member(mesh, pubkey, name, role='member', role_tag=None, groups=None, broker_url=None):
+def add_member(store, mesh, pubkey, name, role='member', role_tag=None, groups=None, broker_url=None):
     """Register an existing Ed25519 pubkey as a member; idempotent for an active member."""
     mesh = find_mesh(mesh)
     pubkey = _pubkey(pubkey)
     if role not in ('member', 'admin'):
         raise AdminError('--role must be member or admin')
     result = {'meshId': mesh.id}
-    existing = store.Member.active(mesh.id, pubkey)
+    existing = Member.active(mesh.id, pubkey)
     if existing is not None:
         result.update(memberId=existing.id, slug=mesh.slug, name=mesh.slug, alreadyMember=True)
     else:
         member_id = protocol.new_id()
         with store.writing():
-            store.Member.create(id=member_id, mesh_id=mesh.id, peer_pubkey=pubkey,
-                                display_name=name or pubkey[:8], role=role, role_tag=role_tag,
-                                default_groups=store.dumps(parse_groups(groups)),
-                                joined_at=clock.utcnow())
+            Member.enrol(id=member_id, mesh_id=mesh.id, peer_pubkey=pubkey,
+                         display_name=name or pubkey[:8], role=role, role_tag=role_tag,
+                         default_groups=dumps(parse_groups(groups)), joined_at=clock.utcnow())
         result.update(memberId=member_id, slug=mesh.slug, name=mesh.slug)
     if broker_url:
         result['brokerUrl'] = broker_url
@@ -143,7 +141,7 @@ def check_broker_url(url):
     return url
 
 
-def invite(mesh, broker_url, role='member', expires=DEFAULT_INVITE_TTL, max_uses=1, name=None,
+def invite(store, mesh, broker_url, role='member', expires=DEFAULT_INVITE_TTL, max_uses=1, name=None,
            role_tag=None, groups=None, code=False):
     """Mint a v1 invite; return {link, token, code?, expires_at, max_uses, role}."""
     mesh = find_mesh(mesh)
@@ -160,7 +158,7 @@ def invite(mesh, broker_url, role='member', expires=DEFAULT_INVITE_TTL, max_uses
     if groups:
         preset['groups'] = parse_groups(groups)
     expires_at = int(time.time()) + int(expires)
-    link, token, invite_code = invite_mod.mint(mesh, broker_url, expires_at, role=role,
+    link, token, invite_code = invite_mod.mint(store, mesh, broker_url, expires_at, role=role,
                                                max_uses=int(max_uses), preset=preset,
                                                with_code=bool(code))
     result = {'link': link, 'token': token}
@@ -172,39 +170,36 @@ def invite(mesh, broker_url, role='member', expires=DEFAULT_INVITE_TTL, max_uses
     return result
 
 
-def list_(mesh=None):
+def list_(store, mesh=None):
     """Meshes, or the members of one mesh."""
     if mesh is None:
         return {'meshes': [{'id': m.id, 'slug': m.slug, 'name': m.name, 'owner_pubkey': m.owner_pubkey,
-                            'members': store.Member.select().where(
-                                (store.Member.mesh_id == m.id)
-                                & store.Member.revoked_at.is_null()).count()}
-                           for m in store.Mesh.select().order_by(store.Mesh.created_at)]}
+                            'members': len(Member.active_in(m.id))}
+                           for m in Mesh.select().order_by(Mesh.created_at)]}
     mesh = find_mesh(mesh)
     members = [{'id': m.id, 'display_name': m.display_name, 'pubkey': m.peer_pubkey, 'role': m.role,
                 'revoked': m.revoked_at is not None}
-               for m in store.Member.select().where(store.Member.mesh_id == mesh.id)
-               .order_by(store.Member.joined_at)]
+               for m in Member.select().where(Member.mesh_id == mesh.id)
+               .order_by(Member.joined_at)]
     return {'mesh': mesh.slug, 'members': members}
 
 
-def revoke_member(mesh, member):
+def revoke_member(store, mesh, member):
     """Set revoked_at; the running broker closes the member's sockets with 4002 within a sweep."""
     mesh = find_mesh(mesh)
     row = _find_member(mesh, member)
     if row.revoked_at is None:
         with store.writing():
-            (store.Member.update(revoked_at=clock.utcnow())
-             .where(store.Member.id == row.id).execute())
+            Member.revoke(row.id, clock.utcnow())
     return {'meshId': mesh.id, 'memberId': row.id, 'revoked': True}
 
 
-def grant(mesh, member, sender, caps):
+def grant(store, mesh, member, sender, caps):
     """Edit the recipient member's peer_grants for one sender key (`none` blocks, `default` resets)."""
     mesh = find_mesh(mesh)
     row = _find_member(mesh, member)
     sender = _pubkey(sender)
-    grants = store.loads(row.peer_grants, {})
+    grants = loads(row.peer_grants, {})
     if caps == 'default':
         grants.pop(sender, None)
     elif caps == 'none':
@@ -214,8 +209,7 @@ def grant(mesh, member, sender, caps):
         if not grants[sender]:
             raise AdminError('--caps must be a list, none or default')
     with store.writing():
-        (store.Member.update(peer_grants=store.dumps(grants))
-         .where(store.Member.id == row.id).execute())
+        Member.set_grants(row.id, grants)
     return {'meshId': mesh.id, 'memberId': row.id, 'grants': grants}
 
 

@@ -13,8 +13,8 @@ import sys
 import argh
 
 from meshd.broker import admin as admin_ops
-from meshd.broker import store
-from meshd.exceptions import MeshdError
+from meshd.broker import store as broker_store
+from meshd.exceptions import MeshdError, StorageError
 
 ENV_DB = 'MESHD_BROKER_DB'
 ENV_BROKER_URL = 'MESHD_BROKER_URL'
@@ -75,7 +75,7 @@ def broker(*, listen=None, db=None, rate_limit='60:600', dm_ttl='7d', max_messag
             per_address_limit=int(per_address_limit) if per_address_limit else 16,
             trusted_proxies=trusted_proxy, timings=timings)
         server.run()
-    except (MeshdError, ValueError) as exc:
+    except (MeshdError, StorageError, ValueError) as exc:
         _fail(str(exc), 2)
     except RuntimeError as exc:     # not monkey-patched: an entry-point bug, still one line
         _fail(str(exc), 1)
@@ -84,17 +84,17 @@ def broker(*, listen=None, db=None, rate_limit='60:600', dm_ttl='7d', max_messag
 
 
 def _admin(db, operation, *args, **kwargs):
-    """Open the database as its owner, run one admin operation, print its JSON, close."""
+    """Open the database as its owner, run one admin operation on it, close it."""
     url = db or os.environ.get(ENV_DB) or None
     try:
         admin_ops.check_owner(url)
-        store.open_store(url)
+        store = broker_store.open_store(url)
         try:
             with store.connection():
-                return operation(*args, **kwargs)
+                return operation(store, *args, **kwargs)
         finally:
-            store.close_store()
-    except MeshdError as exc:
+            store.close()
+    except (MeshdError, StorageError) as exc:
         _fail(str(exc))
 
 

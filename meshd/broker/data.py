@@ -5,41 +5,37 @@ Replies use the claudemesh broker's real shapes (`state_result`, `memory_stored.
 `recall` keeps memories whose content or tags contain every word of the query
 (case-insensitive), newest first, 20 at most, on SQLite and PostgreSQL alike.
 """
-from meshd.broker import protocol, store
 from meshd import clock
+from meshd.broker import protocol
+from meshd.broker.data_models import MeshState, Memory, Skill
+from meshd.broker.models import Member, dumps, loads
 
 RECALL_LIMIT = 20
 UNKNOWN = 'unknown'
 
 
-def _with_req(reply, frame):
-    req_id = frame.get('_reqId')
-    if isinstance(req_id, str):
-        reply['_reqId'] = req_id
-    return reply
-
-
 def _member_name(entry):
-    member = store.Member.get_or_none(store.Member.id == entry.member_id)
+    member = Member.get_or_none(Member.id == entry.member_id)
     return member.display_name if member is not None and member.display_name else UNKNOWN
 
 
 def _invalid(entry, frame, message):
-    entry.send(protocol.error('invalid', message, req_id=frame.get('_reqId')
-                              if isinstance(frame.get('_reqId'), str) else None))
+    entry.send(protocol.error('invalid', message, req_id=protocol.req_id(frame)))
 
 
 def _state_view(row):
-    return {'key': row.key, 'value': store.loads(row.value, None),
+    return {'key': row.key, 'value': loads(row.value, None),
             'updatedBy': row.updated_by_name or UNKNOWN,
             'updatedAt': protocol.iso(row.updated_at)}
 
 
 class DataVerbs(object):
-    """Handlers `(entry, frame)` for the state, memory and skill verbs; `registry` for fan-out."""
+    """Handlers `(entry, frame)` for the state, memory and skill verbs, on `store`; the
+    connection map `presences` is where a state change is fanned out."""
 
-    def __init__(self, registry):
-        self.registry = registry
+    def __init__(self, store, presences):
+        self.store = store
+        self.presences = presences
 
     def handlers(self):
         return {'set_state': self.set_state, 'get_state': self.get_state,
@@ -56,31 +52,26 @@ class DataVerbs(object):
             return _invalid(entry, frame, 'key required')
         value = frame.get('value')
         name = _member_name(entry)
-        S = store.MeshState
-        fields = dict(value=store.dumps(value), updated_by_presence=entry.presence_id,
-                      updated_by_name=name, updated_at=clock.utcnow())
-        with store.writing():
-            if not S.update(**fields).where((S.mesh_id == entry.mesh_id) & (S.key == key)).execute():
-                S.create(mesh_id=entry.mesh_id, key=key, **fields)
+        self.store.write(MeshState.put, entry.mesh_id, key, value, entry.presence_id, name,
+                         clock.utcnow())
         change = {'type': 'state_change', 'key': key, 'value': value, 'updatedBy': name}
-        for other in self.registry.live(entry.mesh_id):
+        for other in self.presences.live(entry.mesh_id):
             if other is not entry:
                 other.send(change)
 
     def get_state(self, entry, frame):
         key = frame.get('key')
-        S = store.MeshState
-        row = S.get_or_none((S.mesh_id == entry.mesh_id) & (S.key == key)) if isinstance(key, str) else None
+        row = MeshState.get_key(entry.mesh_id, key) if isinstance(key, str) else None
         if row is None:
-            reply = {'type': 'state_result', 'key': key, 'value': None, 'updatedBy': '', 'updatedAt': ''}
+            reply = {'type': 'state_result', 'key': key, 'value': None, 'updatedBy': '',
+                     'updatedAt': ''}
         else:
             reply = dict({'type': 'state_result'}, **_state_view(row))
-        entry.send(_with_req(reply, frame))
+        entry.send(protocol.with_req(reply, frame))
 
     def list_state(self, entry, frame):
-        S = store.MeshState
-        rows = S.select().where(S.mesh_id == entry.mesh_id).order_by(S.key)
-        entry.send(_with_req({'type': 'state_list', 'entries': [_state_view(r) for r in rows]}, frame))
+        entries = [_state_view(row) for row in MeshState.all_of(entry.mesh_id)]
+        entry.send(protocol.with_req({'type': 'state_list', 'entries': entries}, frame))
 
     # ------------------------------------------------------------------ memory
 
@@ -90,41 +81,25 @@ class DataVerbs(object):
             return _invalid(entry, frame, 'content required')
         tags = frame.get('tags') if isinstance(frame.get('tags'), list) else []
         memory_id = protocol.new_id()
-        with store.writing():
-            store.Memory.create(id=memory_id, mesh_id=entry.mesh_id, content=content,
-                                tags=store.dumps([str(t) for t in tags]),
-                                remembered_by=entry.member_id, remembered_by_name=_member_name(entry),
-                                remembered_at=clock.utcnow())
-        entry.send(_with_req({'type': 'memory_stored', 'id': memory_id}, frame))
+        self.store.write(Memory.remember, memory_id, entry.mesh_id, content,
+                         [str(t) for t in tags], entry.member_id, _member_name(entry),
+                         clock.utcnow())
+        entry.send(protocol.with_req({'type': 'memory_stored', 'id': memory_id}, frame))
 
     def recall(self, entry, frame):
         query = frame.get('query') if isinstance(frame.get('query'), str) else ''
         words = [w.lower() for w in query.split() if w]
-        M = store.Memory
-        rows = (M.select()
-                .where((M.mesh_id == entry.mesh_id) & M.forgotten_at.is_null())
-                .order_by(M.remembered_at.desc(), M.id.desc()))
-        memories = []
-        for row in rows:
-            haystack = (row.content + ' ' + ' '.join(store.loads(row.tags, []))).lower()
-            if all(w in haystack for w in words):
-                memories.append({'id': row.id, 'content': row.content,
-                                 'tags': store.loads(row.tags, []),
-                                 'rememberedBy': row.remembered_by_name or UNKNOWN,
-                                 'rememberedAt': protocol.iso(row.remembered_at)})
-                if len(memories) >= RECALL_LIMIT:
-                    break
-        entry.send(_with_req({'type': 'memory_results', 'memories': memories}, frame))
+        memories = [{'id': row.id, 'content': row.content, 'tags': loads(row.tags, []),
+                     'rememberedBy': row.remembered_by_name or UNKNOWN,
+                     'rememberedAt': protocol.iso(row.remembered_at)}
+                    for row in Memory.recall(entry.mesh_id, words, RECALL_LIMIT)]
+        entry.send(protocol.with_req({'type': 'memory_results', 'memories': memories}, frame))
 
     def forget(self, entry, frame):
         memory_id = frame.get('memoryId')
         if isinstance(memory_id, str):
-            M = store.Memory
-            with store.writing():
-                (M.update(forgotten_at=clock.utcnow())
-                 .where((M.id == memory_id) & (M.mesh_id == entry.mesh_id) & M.forgotten_at.is_null())
-                 .execute())
-        entry.send(_with_req({'type': 'ack', 'id': memory_id, 'messageId': memory_id,
+            self.store.write(Memory.forget, memory_id, entry.mesh_id, clock.utcnow())
+        entry.send(protocol.with_req({'type': 'ack', 'id': memory_id, 'messageId': memory_id,
                               'queued': False}, frame))
 
     # ------------------------------------------------------------------ skills
@@ -133,54 +108,45 @@ class DataVerbs(object):
         name = frame.get('name')
         if not isinstance(name, str) or not name:
             return _invalid(entry, frame, 'name required')
-        K = store.Skill
-        now = clock.utcnow()
         tags = frame.get('tags') if isinstance(frame.get('tags'), list) else []
-        fields = dict(description=str(frame.get('description') or ''),
-                      instructions=str(frame.get('instructions') or ''),
-                      tags=store.dumps([str(t) for t in tags]),
-                      manifest=store.dumps(frame['manifest']) if frame.get('manifest') is not None else None,
-                      author_member_id=entry.member_id, author_name=_member_name(entry),
-                      updated_at=now)
-        with store.writing():
-            if not K.update(**fields).where((K.mesh_id == entry.mesh_id) & (K.name == name)).execute():
-                K.create(id=protocol.new_id(), mesh_id=entry.mesh_id, name=name, created_at=now,
-                         **fields)
-        entry.send(_with_req({'type': 'skill_ack', 'name': name, 'action': 'shared'}, frame))
+        manifest = frame.get('manifest')
+        self.store.write(Skill.share, protocol.new_id(), entry.mesh_id, name, clock.utcnow(),
+                         description=str(frame.get('description') or ''),
+                         instructions=str(frame.get('instructions') or ''),
+                         tags=dumps([str(t) for t in tags]),
+                         manifest=dumps(manifest) if manifest is not None else None,
+                         author_member_id=entry.member_id, author_name=_member_name(entry))
+        entry.send(protocol.with_req({'type': 'skill_ack', 'name': name, 'action': 'shared'}, frame))
 
     def list_skills(self, entry, frame):
         query = frame.get('query') if isinstance(frame.get('query'), str) else ''
-        K = store.Skill
         skills = []
-        for row in K.select().where(K.mesh_id == entry.mesh_id).order_by(K.name):
-            tags = store.loads(row.tags, [])
+        for row in Skill.all_of(entry.mesh_id):
+            tags = loads(row.tags, [])
             if query and not any(query.lower() in text.lower()
                                  for text in [row.name, row.description] + tags):
                 continue
             skills.append({'name': row.name, 'description': row.description, 'tags': tags,
                            'author': row.author_name or UNKNOWN,
                            'createdAt': protocol.iso(row.created_at)})
-        entry.send(_with_req({'type': 'skill_list', 'skills': skills}, frame))
+        entry.send(protocol.with_req({'type': 'skill_list', 'skills': skills}, frame))
 
     def get_skill(self, entry, frame):
-        K = store.Skill
         name = frame.get('name')
-        row = K.get_or_none((K.mesh_id == entry.mesh_id) & (K.name == name)) if isinstance(name, str) else None
+        row = Skill.named(entry.mesh_id, name) if isinstance(name, str) else None
         skill = None
         if row is not None:
             skill = {'name': row.name, 'description': row.description,
-                     'instructions': row.instructions, 'tags': store.loads(row.tags, []),
-                     'author': row.author_name or UNKNOWN, 'manifest': store.loads(row.manifest, None),
+                     'instructions': row.instructions, 'tags': loads(row.tags, []),
+                     'author': row.author_name or UNKNOWN,
+                     'manifest': loads(row.manifest, None),
                      'createdAt': protocol.iso(row.created_at)}
-        entry.send(_with_req({'type': 'skill_data', 'skill': skill}, frame))
+        entry.send(protocol.with_req({'type': 'skill_data', 'skill': skill}, frame))
 
     def remove_skill(self, entry, frame):
-        K = store.Skill
         name = frame.get('name')
         removed = 0
         if isinstance(name, str):
-            with store.writing():
-                removed = K.delete().where((K.mesh_id == entry.mesh_id) & (K.name == name)).execute()
-        entry.send(_with_req({'type': 'skill_ack', 'name': name,
+            removed = self.store.write(Skill.remove, entry.mesh_id, name)
+        entry.send(protocol.with_req({'type': 'skill_ack', 'name': name,
                               'action': 'removed' if removed else 'not_found'}, frame))
-

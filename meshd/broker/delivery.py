@@ -12,20 +12,18 @@ import datetime
 import logging
 import re
 
-import gevent
-import gevent.pool
-
-from meshd.broker import protocol, store
-from meshd.broker.presence import ROLE_MEMBER, group_targets
 from meshd import clock
+from meshd.broker import protocol
+from meshd.broker.message_queue import MessageQueue
+from meshd.broker.models import Member, Presence
+from meshd.broker.presence import group_targets
+from meshd.greenlets import LOG
 
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 100
-NOTICE_BATCH = 500
 UNDELIVERED_EXPIRED = 'expired'
 UNDELIVERED_REMOVED = 'recipient_removed'
-EXT_UNDELIVERED = 'undelivered'
 LOWER_HEX64 = re.compile(r'^[0-9a-f]{64}$')
 MULTICAST_ALL = ('*', '@all')
 
@@ -45,23 +43,30 @@ def grant_allows(grants, sender_member_pubkey, sender_session_pubkey, capability
 
 def _member_grants(member_id, cache):
     if member_id not in cache:
-        row = store.execute('SELECT peer_grants FROM member WHERE id = ?', (member_id,)).fetchone()
-        cache[member_id] = store.loads(row[0], {}) if row is not None else {}
+        cache[member_id] = Member.grants_of(member_id)
     return cache[member_id]
 
 
 class Delivery(object):
-    """The message paths of one broker; `on_dead(entry)` runs the close path of a failed socket."""
+    """The message paths of one broker, over the connection map `presences` and `store`.
 
-    def __init__(self, registry, limiter, max_message_bytes, dm_ttl, lease, hook_fresh, on_dead):
-        self.registry = registry
+    `supervisor` runs the ack and drain greenlets; `on_dead(entry)` runs the close path of
+    a socket a write to failed. The limits: the per-member `limiter`, `max_message_bytes`,
+    the DM TTL `dm_ttl` and the claim `lease` (seconds); a hook status fresher than
+    `hook_fresh` seconds holds next/low messages.
+    """
+
+    def __init__(self, presences, store, supervisor, limiter, max_message_bytes, dm_ttl, lease,
+                 hook_fresh, on_dead):
+        self.presences = presences
+        self.store = store
+        self.supervisor = supervisor
         self.limiter = limiter
         self.max_message_bytes = max_message_bytes
         self.dm_ttl = dm_ttl
         self.lease = lease
         self.hook_fresh = hook_fresh
         self.on_dead = on_dead
-        self.workers = gevent.pool.Group()
         self._last_created = None
 
     # ------------------------------------------------------------------ send
@@ -132,7 +137,7 @@ class Delivery(object):
                 self._fan_out_multicast(entry, row_id, target, priority, nonce, ciphertext, now)
             else:
                 self._fan_out_dm(entry, target, candidates)
-        acks.add(msg_id, store.writer.write_async(self._store_send, entry, row), fan_out)
+        acks.add(msg_id, self.store.writer.write_async(self._store_send, entry, row), fan_out)
 
     def _created_at(self):
         """Now, but strictly later than the last send's: drains read in created_at order,
@@ -150,40 +155,30 @@ class Delivery(object):
                                             row['request_fingerprint'], row['created_at'])
             if existing is not None:
                 return existing, False
-        store.execute('INSERT INTO message_queue (%s) VALUES (%s)'
-                      % (', '.join(row), ', '.join('?' * len(row))), list(row.values()))
+        MessageQueue.insert_row(row)
         return row['id'], True
 
-    def _find_duplicate(self, entry, cmid, fingerprint, now):
-        params = [entry.mesh_id, entry.member_id, cmid, now]
-        if fingerprint is None:
-            same_body = 'request_fingerprint IS NULL'
-        else:
-            same_body = 'request_fingerprint = ?'
-            params.append(fingerprint)
-        row = store.execute(
-            'SELECT id FROM message_queue WHERE mesh_id = ? AND sender_member_id = ? '
-            'AND client_message_id = ? AND expires_at > ? AND %s '
-            'ORDER BY created_at, id LIMIT 1' % same_body, params).fetchone()
-        return row[0] if row is not None else None
+    @staticmethod
+    def _find_duplicate(entry, cmid, fingerprint, now):
+        return MessageQueue.find_duplicate(entry.mesh_id, entry.member_id, cmid, fingerprint, now)
 
     def _preflight(self, entry, target):
         """Step 3 with store-and-forward (§4.1, §7.9); return (candidate member ids, error)."""
         if not LOWER_HEX64.match(target):
             return [], protocol.ERR_NO_PEER
-        candidates = [e for e in self.registry.in_mesh(entry.mesh_id)
+        candidates = [e for e in self.presences.in_mesh(entry.mesh_id)
                       if e is not entry and target in e.keys()]
         member_ids = {e.member_id for e in candidates}
         if not candidates:
-            member = store.Member.active(entry.mesh_id, target)
+            member = Member.active(entry.mesh_id, target)
             if member is not None:
-                siblings = [e for e in self.registry.in_mesh(entry.mesh_id)
+                siblings = [e for e in self.presences.in_mesh(entry.mesh_id)
                             if e is not entry and e.member_id == member.id]
                 member_ids = {member.id}
                 if not siblings and target in entry.keys():
                     return [], protocol.ERR_NO_PEER     # own key, no other session
             else:
-                offline = self._known_session_owner(entry.mesh_id, target)
+                offline = Presence.session_owner(entry.mesh_id, target)
                 if offline is None or target in entry.keys():
                     return [], protocol.ERR_NO_PEER
                 member_ids = {offline}
@@ -193,20 +188,10 @@ class Delivery(object):
             return [], protocol.ERR_BLOCKED
         return member_ids, None
 
-    def _known_session_owner(self, mesh_id, session_pubkey):
-        """Member id of a non-revoked member whose session presence used this key, or None."""
-        P, M = store.Presence, store.Member
-        row = (P.select(P.member_id)
-               .join(M, on=(P.member_id == M.id))
-               .where((P.mesh_id == mesh_id) & (P.session_pubkey == session_pubkey)
-                      & (P.role == 'session') & M.revoked_at.is_null())
-               .first())
-        return row.member_id if row is not None else None
-
     # ------------------------------------------------------------------ fan-out
 
     def _fan_out_dm(self, sender, target, member_ids):
-        for entry in self.registry.live(sender.mesh_id):
+        for entry in self.presences.live(sender.mesh_id):
             if entry is sender:
                 continue
             if target in entry.keys() or entry.member_id in member_ids:
@@ -217,19 +202,18 @@ class Delivery(object):
         a burst of sends to one recipient costs a claim per batch, not a claim per send."""
         entry.drain_requested = True
         if entry.drainer is None or entry.drainer.dead:
-            entry.drainer = self.spawn_worker(self._drain_requested, entry)
+            entry.drainer = self.spawn_worker('drain', self._drain_requested, entry)
 
-    def spawn_worker(self, fn, *args):
-        """Start an ack or drain greenlet; stop() waits for them before the writer stops."""
-        greenlet = self.workers.spawn(fn, *args)
-        greenlet.link_exception(_log_crash)
-        return greenlet
+    def spawn_worker(self, name, fn, *args):
+        """Start an ack or drain greenlet; the broker's stop waits for them before its
+        writer stops."""
+        return self.supervisor.spawn(name, fn, *args, on_crash=LOG)
 
     def _drain_requested(self, entry):
         # Checked again after the connection is returned: returning it can yield (PostgreSQL),
         # and a request made meanwhile saw this greenlet alive and spawned none.
         while entry.drain_requested:
-            with store.connection():
+            with self.store.connection():
                 while entry.drain_requested:
                     entry.drain_requested = False
                     self.drain(entry)
@@ -238,7 +222,7 @@ class Delivery(object):
         frame = protocol.multicast_push(row_id, sender.mesh_id, _SenderView(sender), priority,
                                         nonce, ciphertext, now)
         cache = {}
-        for entry in self.registry.live(sender.mesh_id):
+        for entry in self.presences.live(sender.mesh_id):
             if entry.member_id == sender.member_id or not entry.visible:
                 continue
             if target not in MULTICAST_ALL and target not in group_targets(entry.groups):
@@ -286,40 +270,20 @@ class Delivery(object):
         return pushed
 
     def _claim_batch(self, entry, now, unclaimed_only):
-        MQ = store.MessageQueue
         targets = {entry.member_pubkey, '*', '@all'} | group_targets(entry.groups)
         if entry.session_pubkey:
             targets.add(entry.session_pubkey)
-        claimable = MQ.claim_id.is_null()
-        if not unclaimed_only:
-            claimable = claimable | (MQ.claim_expires_at < now)
-        where = ((MQ.mesh_id == entry.mesh_id) & MQ.delivered_at.is_null() & claimable
-                 & (MQ.expires_at > now) & MQ.undelivered_at.is_null()
-                 & MQ.target_spec.in_(sorted(targets))
-                 & MQ.priority.in_(list(self._allowed_priorities(entry, now))))
-        return store.writer.write(self._claim_rows, where, entry.presence_id, now)
+        return self.store.writer.write(
+            MessageQueue.claim_batch, entry.mesh_id, targets,
+            self._allowed_priorities(entry, now), entry.presence_id, now, self.lease,
+            CLAIM_BATCH, unclaimed_only)
 
-    def _claim_rows(self, where, presence_id, now):
-        MQ = store.MessageQueue
-        ids = [r.id for r in MQ.select(MQ.id).where(where)
-               .order_by(MQ.created_at, MQ.id).limit(CLAIM_BATCH)]
-        if not ids:
-            return []
-        (MQ.update(claimed_at=now, claim_id=presence_id,
-                   claim_expires_at=now + datetime.timedelta(seconds=self.lease))
-         .where(MQ.id.in_(ids) & MQ.delivered_at.is_null()
-                & (MQ.claim_id.is_null() | (MQ.claim_expires_at < now)))
-         .execute())
-        return list(MQ.select()
-                    .where(MQ.id.in_(ids) & (MQ.claim_id == presence_id))
-                    .order_by(MQ.created_at, MQ.id))
-
-    def _sender_pubkey(self, row, cache):
+    @staticmethod
+    def _sender_pubkey(row, cache):
         if row.sender_session_pubkey:
             return row.sender_session_pubkey
         if row.sender_member_id not in cache:
-            member = store.Member.get_or_none(store.Member.id == row.sender_member_id)
-            cache[row.sender_member_id] = member.peer_pubkey if member is not None else ''
+            cache[row.sender_member_id] = Member.pubkey_of(row.sender_member_id)
         return cache[row.sender_member_id]
 
     # ------------------------------------------------------------------ acks and releases
@@ -331,147 +295,56 @@ class Delivery(object):
         bmid = bmid if isinstance(bmid, str) and bmid else None
         if cmid is None and bmid is None:
             return
-        # The broker's id names exactly one row. A client_message_id is chosen by each
-        # sender, so two senders may use the same one: matching it too (the reference's
-        # `id = ? OR client_message_id = ?`) let an ack of one sender's DM mark another
-        # sender's DM delivered, unread. Without a broker id, only a row this presence
-        # holds the claim of (one that was pushed to it) can be acked by its client id.
-        if bmid is not None:
-            match, params = 'id = ?', [clock.utcnow(), entry.mesh_id, bmid]
-        else:
-            match = 'client_message_id = ? AND claim_id = ?'
-            params = [clock.utcnow(), entry.mesh_id, cmid, entry.presence_id]
-        own = sorted(entry.keys() | {'*'})
-        params.extend(own)
-        sql = ('UPDATE message_queue SET delivered_at = ?, claimed_at = NULL, claim_id = NULL, '
-               'claim_expires_at = NULL WHERE mesh_id = ? AND delivered_at IS NULL AND %s '
-               "AND (target_spec IN (%s) OR target_spec LIKE '@%%' OR target_spec LIKE '#%%')"
-               % (match, ', '.join('?' * len(own))))
         # Nobody waits for this commit: the ack has no reply, and a lost one only means the
         # row is pushed again after its lease (the client deduplicates).
-        store.writer.submit(store.execute, sql, params)
+        self.store.writer.submit(MessageQueue.ack, entry.mesh_id, entry.keys() | {'*'}, bmid,
+                                 cmid, entry.presence_id, clock.utcnow())
 
     def _release_rows(self, ids, presence_id):
-        MQ = store.MessageQueue
-        with store.writing():
-            (MQ.update(claimed_at=None, claim_id=None, claim_expires_at=None)
-             .where(MQ.id.in_(ids) & (MQ.claim_id == presence_id) & MQ.delivered_at.is_null())
-             .execute())
+        with self.store.writing():
+            MessageQueue.release_rows(ids, presence_id)
 
     def release(self, entry):
         """Free the claims of an entry that went offline or was removed; re-push them (§7.10)."""
-        MQ = store.MessageQueue
-        with store.writing():
-            rows = list(MQ.select(MQ.target_spec)
-                        .where((MQ.claim_id == entry.presence_id) & MQ.delivered_at.is_null()))
-            if rows:
-                (MQ.update(claimed_at=None, claim_id=None, claim_expires_at=None)
-                 .where((MQ.claim_id == entry.presence_id) & MQ.delivered_at.is_null())
-                 .execute())
-        if rows:
-            log.info('released %d claims of presence %s', len(rows), entry.presence_id)
-            self.repush(entry.mesh_id, {r.target_spec for r in rows})
+        with self.store.writing():
+            targets = MessageQueue.release_claims(entry.presence_id)
+        if targets:
+            log.info('released claims of presence %s', entry.presence_id)
+            self.repush(entry.mesh_id, targets)
 
     def repush(self, mesh_id, targets):
         """Drain every live entry of the mesh that one of `targets` addresses."""
-        for other in self.registry.live(mesh_id):
+        for other in self.presences.live(mesh_id):
             if other.keys() & targets:
                 self.drain(other)
 
     def release_orphans(self):
         """Sweeper (a): free claims whose holder is not a live entry (missed paths, old process)."""
-        live_ids = [e.presence_id for e in self.registry.live()]
-        MQ = store.MessageQueue
-        where = MQ.claim_id.is_null(False) & MQ.delivered_at.is_null()
-        if live_ids:
-            where &= MQ.claim_id.not_in(live_ids)
-        with store.writing():
-            return (MQ.update(claimed_at=None, claim_id=None, claim_expires_at=None)
-                    .where(where).execute())
-
-    # ------------------------------------------------------------------ undelivered DMs
+        live_ids = [e.presence_id for e in self.presences.live()]
+        with self.store.writing():
+            return MessageQueue.release_orphans(live_ids)
 
     def mark_undelivered(self, now=None):
-        """Sweeper: DMs that can no longer be delivered become undelivered, with a reason.
-
-        A DM past its TTL that is not claimed (a push in flight may still be acked), and a
-        DM to the member key of a member who was removed. Their senders' daemons are told
-        through the meshd extension `undelivered` (notify_undelivered); the rows stay until
-        then, or for one more TTL. Returns {reason: count}.
-        """
+        """Sweeper: DMs that can no longer be delivered become undelivered, with a reason
+        (their senders are told by meshd/broker/notices.py); return {reason: count}."""
         now = now or clock.utcnow()
-        pending = ('delivered_at IS NULL AND undelivered_at IS NULL')
-        with store.writing():
-            expired = store.execute(
-                'UPDATE message_queue SET undelivered_at = ?, undelivered_reason = ? WHERE %s '
-                'AND expires_at <= ? AND (claim_id IS NULL OR claim_expires_at < ?)' % pending,
-                (now, UNDELIVERED_EXPIRED, now, now)).rowcount
-            removed = store.execute(
-                'UPDATE message_queue SET undelivered_at = ?, undelivered_reason = ? WHERE %s '
-                'AND target_spec IN (SELECT m.peer_pubkey FROM member m WHERE '
-                'm.mesh_id = message_queue.mesh_id AND m.revoked_at IS NOT NULL) '
-                'AND target_spec NOT IN (SELECT m.peer_pubkey FROM member m WHERE '
-                'm.mesh_id = message_queue.mesh_id AND m.revoked_at IS NULL)' % pending,
-                (now, UNDELIVERED_REMOVED)).rowcount
-        counts = {UNDELIVERED_EXPIRED: expired, UNDELIVERED_REMOVED: removed}
+        with self.store.writing():
+            expired, removed = MessageQueue.mark_undelivered(now, UNDELIVERED_EXPIRED,
+                                                             UNDELIVERED_REMOVED)
         if expired or removed:
             log.info('undelivered DMs: %d expired, %d to removed members', expired, removed)
-        return counts
-
-    def notify_undelivered(self, entry, limit=NOTICE_BATCH):
-        """Send a sender's member link the notices of its undelivered DMs not yet acked.
-
-        Only to a daemon that announced the extension; each notice goes once per
-        connection, and again on the next one until the daemon acks it.
-        """
-        if entry.role != ROLE_MEMBER or EXT_UNDELIVERED not in entry.ext or not entry.is_live:
-            return 0
-        rows = store.execute(
-            'SELECT id, client_message_id, target_spec, undelivered_reason, created_at, '
-            'undelivered_at FROM message_queue WHERE mesh_id = ? AND sender_member_id = ? '
-            'AND undelivered_at IS NOT NULL AND sender_notified_at IS NULL '
-            'ORDER BY undelivered_at, id LIMIT ?',
-            (entry.mesh_id, entry.member_id, limit)).fetchall()
-        sent = 0
-        for row_id, cmid, target, reason, created_at, undelivered_at in rows:
-            if row_id in entry.notices_sent:
-                continue
-            frame = protocol.undelivered_notice(row_id, cmid, target, reason,
-                                                _datetime(created_at), _datetime(undelivered_at),
-                                                self.dm_ttl)
-            if not entry.send(frame):
-                self.on_dead(entry)
-                break
-            entry.notices_sent.add(row_id)
-            sent += 1
-        return sent
-
-    def undelivered_ack(self, entry, frame):
-        """`meshd_undelivered_ack {messageId}`: the sender's daemon recorded the notice."""
-        row_id = frame.get('messageId')
-        if not isinstance(row_id, str) or not row_id:
-            return
-        store.writer.submit(store.execute,
-                            'UPDATE message_queue SET sender_notified_at = ? WHERE id = ? '
-                            'AND sender_member_id = ? AND undelivered_at IS NOT NULL',
-                            (clock.utcnow(), row_id, entry.member_id))
+        return {UNDELIVERED_EXPIRED: expired, UNDELIVERED_REMOVED: removed}
 
     def expire(self, now=None):
         """Hourly TTL sweep: drop delivered rows older than the TTL, undelivered rows once
         their sender was told (or one more TTL later), and old disconnected presences."""
         now = now or clock.utcnow()
-        MQ = store.MessageQueue
         cutoff = now - datetime.timedelta(seconds=self.dm_ttl)
         self.mark_undelivered(now)
-        with store.writing():
-            expired = MQ.delete().where(MQ.undelivered_at.is_null(False)
-                                        & (MQ.sender_notified_at.is_null(False)
-                                           | (MQ.undelivered_at < cutoff))).execute()
-            delivered = MQ.delete().where(MQ.delivered_at.is_null(False)
-                                          & (MQ.delivered_at < cutoff)).execute()
-            P = store.Presence
-            P.delete().where(P.disconnected_at.is_null(False) & (P.disconnected_at < cutoff)).execute()
-        return expired, delivered
+        with self.store.writing():
+            undelivered, delivered = MessageQueue.prune(cutoff)
+            Presence.prune(cutoff)
+        return undelivered, delivered
 
 
 class AckPipeline(object):
@@ -483,8 +356,9 @@ class AckPipeline(object):
     turn, writes the ack on the socket the send came in on, then runs the send's fan-out.
     """
 
-    def __init__(self, ws, spawn):
+    def __init__(self, ws, store, spawn):
         self.ws = ws
+        self.store = store
         self.spawn = spawn
         self._pending = collections.deque()
         self._greenlet = None
@@ -493,13 +367,13 @@ class AckPipeline(object):
         """Queue the ack of send `msg_id`; `then(value)` runs after the ack is written."""
         self._pending.append((msg_id, committed, then))
         if self._greenlet is None or self._greenlet.dead:
-            self._greenlet = self.spawn(self._run)
+            self._greenlet = self.spawn('acks', self._run)
 
     def _run(self):
         # The outer check runs after the connection is returned, which can yield (PostgreSQL):
         # a send queued meanwhile saw this greenlet alive and spawned none.
         while self._pending:
-            with store.connection():
+            with self.store.connection():
                 self._answer_pending()
 
     def _answer_pending(self):
@@ -518,17 +392,6 @@ class AckPipeline(object):
                 then(stored)
             except Exception:
                 log.exception('fan-out of %s failed', stored[0])
-
-
-def _datetime(value):
-    """A timestamp read with raw SQL: a datetime on PostgreSQL, text on SQLite."""
-    if isinstance(value, datetime.datetime) or value is None:
-        return value
-    return datetime.datetime.fromisoformat(str(value))
-
-
-def _log_crash(greenlet):
-    log.error('broker greenlet %s crashed', greenlet, exc_info=greenlet.exc_info)
 
 
 class _SenderView(object):

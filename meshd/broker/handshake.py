@@ -1,13 +1,18 @@
-"""Checks of `hello` and `session_hello`, each returning a Rejection or None (spec/wire.md §2–§3).
+"""Checks of `hello` and `session_hello`, and the choice of the presence a hello reattaches
+(spec/wire.md §2–§3, §7.6).
 
-The server calls them in the reference's order (§3.1, §3.2) and puts the capacity check in
-between; each Rejection carries the exact error frame and close code of §3.4.
+`Handshake.admit()` is the one call: it runs the checks in the reference's order (§3.1,
+§3.2) with the capacity check in between, and answers a Rejection, carrying the exact error
+frame and close code of §3.4, or what the hello binds: its mesh, its member and the entry
+it takes over, if any.
 """
 import collections
 import re
 
-from meshd import crypto
-from meshd.broker import protocol, store
+from meshd import clock, crypto
+from meshd.broker import protocol
+from meshd.broker.models import Member, Mesh
+from meshd.broker.presence import OFFLINE
 
 LOWER_HEX64 = re.compile(r'^[0-9a-f]{64}$')
 MAX_PID = 2 ** 31 - 1
@@ -181,16 +186,12 @@ def lookup_member(mesh_id, pubkey, kind):
     Read from the database at every hello (never cached), so broker-admin changes apply at once.
     An archived mesh counts as absent (§9.1, D8).
     """
-    mesh = (store.Mesh.select()
-            .where((store.Mesh.id == mesh_id) & store.Mesh.archived_at.is_null())
-            .first())
+    mesh = Mesh.live(mesh_id)
     if mesh is not None:
-        member = store.Member.active(mesh.id, pubkey)
+        member = Member.active(mesh.id, pubkey)
         if member is not None:
             return mesh, member, None
-        revoked = (store.Member.select()
-                   .where((store.Member.mesh_id == mesh.id) & (store.Member.peer_pubkey == pubkey))
-                   .first())
+        revoked = Member.any_with_key(mesh.id, pubkey)
         if revoked is not None:
             message = ('You\'ve been removed from "%s". Contact the mesh owner to rejoin.'
                        % (mesh.name or mesh.slug or mesh.id))
@@ -205,3 +206,86 @@ def check_parent_member_id(frame, member):
     if value is not None and value != '' and value != member.id:
         return reject('parent_member_id_mismatch', 'parentMemberId does not match parentMemberPubkey')
     return None
+
+
+class Handshake(object):
+    """Admits hellos against the connection map `presences` (for reattach and capacity),
+    with the skew and attestation limits of `timings` and a replay cache; `clock_ms` is the
+    clock the skew and attestation checks read (a test seam)."""
+
+    def __init__(self, presences, timings, max_per_mesh, clock_ms=clock.now_ms):
+        self.presences = presences
+        self.timings = timings
+        self.max_per_mesh = max_per_mesh
+        self.clock_ms = clock_ms
+        self.replay_cache = ReplayCache()
+
+    def admit(self, frame, kind):
+        """(Rejection, None), or (None, (mesh, member, entry to reattach or None))."""
+        now_ms = self.clock_ms()
+        pre, post = self._checks(frame, kind, now_ms)
+        for check in pre:
+            rejection = check()
+            if rejection:
+                return rejection, None
+        member_pubkey = (frame.get('parentMemberPubkey') if kind == 'session_hello'
+                         else frame.get('pubkey'))
+        reattach = self._find_reattach(frame, kind, member_pubkey)
+        takeovers = {e.presence_id for e in self.presences.in_mesh(frame['meshId'])
+                     if e.session_id == frame['sessionId']}
+        if reattach is not None:
+            takeovers.add(reattach.presence_id)
+        count = len([e for e in self.presences.in_mesh(frame['meshId'])
+                     if e.presence_id not in takeovers])
+        if count >= self.max_per_mesh:
+            return reject('capacity', 'mesh at connection capacity'), None
+        for check in post:
+            rejection = check()
+            if rejection:
+                return rejection, None
+        mesh, member, rejection = lookup_member(frame['meshId'], member_pubkey, kind)
+        if rejection:
+            return rejection, None
+        if kind == 'session_hello':
+            rejection = check_parent_member_id(frame, member)
+            if rejection:
+                return rejection, None
+        if reattach is not None and reattach.member_id != member.id:
+            reattach = None     # a key claimed by another member never takes over an entry
+        # The lookups above yielded: the entry may have been evicted or reattached meanwhile.
+        if reattach is not None and (not self.presences.contains(reattach)
+                                     or (kind == 'hello' and reattach.lease != OFFLINE)):
+            reattach = None
+        return None, (mesh, member, reattach)
+
+    def _checks(self, frame, kind, now_ms):
+        skew_ms = self.timings['broker_hello_skew'] * 1000
+        if kind == 'hello':
+            pre = [lambda: check_session_pubkey(frame, required=False),
+                   lambda: check_required(frame, kind)]
+            post = [lambda: check_hello_signature(frame, kind, now_ms, skew_ms),
+                    lambda: check_replay(frame, self.replay_cache, now_ms, skew_ms)]
+        else:
+            att_max_ms = self.timings['broker_attest_max'] * 1000
+            pre = [lambda: check_session_pubkey(frame, required=True),
+                   lambda: check_parent_pubkey(frame),
+                   lambda: check_attestation_binding(frame),
+                   lambda: check_required(frame, kind)]
+            post = [lambda: check_attestation(frame['parentAttestation'], now_ms, att_max_ms),
+                    lambda: check_hello_signature(frame, kind, now_ms, skew_ms),
+                    lambda: check_replay(frame, self.replay_cache, now_ms, skew_ms)]
+        return pre, post
+
+    def _find_reattach(self, frame, kind, member_pubkey):
+        session_pubkey = frame.get('sessionPubkey') or None
+        for entry in self.presences.in_mesh(frame['meshId']):
+            if kind == 'session_hello':
+                if entry.session_pubkey == session_pubkey:
+                    return entry
+            elif entry.lease == OFFLINE and entry.member_pubkey == member_pubkey:
+                if session_pubkey and entry.session_pubkey == session_pubkey:
+                    return entry
+                if (not session_pubkey and not entry.session_pubkey
+                        and entry.session_id == frame['sessionId']):
+                    return entry
+        return None

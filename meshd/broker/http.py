@@ -8,8 +8,10 @@ import json
 import logging
 import re
 
+from storage import migrate
+
 from meshd import __version__
-from meshd.broker import invite, store
+from meshd.broker import invite, migrations
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +21,17 @@ CLAIM_ROUTE = re.compile(r'^/invites/[^/]+/claim$')
 
 
 class HttpRoutes(object):
-    """WSGI application for the non-WebSocket routes; `server` provides uptime and settings."""
+    """WSGI application for the non-WebSocket routes, on `store`. `uptime()` is the
+    broker's, `dm_ttl` and `max_message_bytes` its settings, `hook_status(body)` and
+    `join(store, body)` the handlers of the two POST routes."""
 
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, store, uptime, dm_ttl, max_message_bytes, hook_status, join):
+        self.store = store
+        self.uptime = uptime
+        self.dm_ttl = dm_ttl
+        self.max_message_bytes = max_message_bytes
+        self.hook_status = hook_status
+        self.join = join
 
     def __call__(self, environ, start_response):
         try:
@@ -55,41 +64,39 @@ class HttpRoutes(object):
             body, err = self._read_json(environ)
             if err:
                 return err
-            with store.connection():
-                status, answer = invite.join_safely(body)
+            with self.store.connection():
+                status, answer = self.join(self.store, body)
             return status, answer, None
         if method == 'POST' and path == '/hook/set-status':
             body, err = self._read_json(environ)
             if err:
                 return err
-            with store.connection():
-                status, answer = self.server.hook_status(body)
+            with self.store.connection():
+                status, answer = self.hook_status(body)
             return status, answer, None
         if method == 'POST' and CLAIM_ROUTE.match(path):
             return 501, {'error': 'invite_v2_disabled'}, None
         match = CODE_ROUTE.match(path)
         if method == 'GET' and match:
-            with store.connection():
+            with self.store.connection():
                 return 200, invite.code_lookup(match.group(1)), None
         return 404, 'not found', None
 
     def health(self):
         """`{status, db, version, gitSha, uptime, dmTtlSeconds}`."""
-        return {'status': 'ok', 'db': 'up' if store.ping() else 'down', 'version': __version__,
-                'gitSha': 'unknown', 'uptime': int(self.server.uptime()),
-                'dmTtlSeconds': int(self.server.dm_ttl)}
+        return {'status': 'ok', 'db': 'up' if self.store.ping() else 'down',
+                'version': __version__, 'gitSha': 'unknown', 'uptime': int(self.uptime()),
+                'dmTtlSeconds': int(self.dm_ttl)}
 
     def ready(self):
-        if not store.ping():
+        if not self.store.ping():
             return 503, {'status': 'not_ready', 'reason': 'db_down'}, None
-        with store.connection():
-            version = store.schema_version()
-        if version < store.HEAD:
+        if migrate.schema_version(self.store) < migrations.HEAD:
             return 503, {'status': 'not_ready', 'reason': 'migration_missing'}, None
         return 200, {'status': 'ready', 'version': __version__}, None
 
     def _read_json(self, environ):
-        limit = self.server.max_message_bytes
+        limit = self.max_message_bytes
         try:
             length = int(environ.get('CONTENT_LENGTH') or 0)
         except ValueError:

@@ -8,7 +8,8 @@ import logging
 import re
 
 from meshd import clock, crypto
-from meshd.broker import protocol, store
+from meshd.broker import protocol
+from meshd.broker.models import Invite, Member, Mesh, dumps, loads
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +18,8 @@ BAD_PUBKEY_ERROR = 'peer_pubkey must be 64 hex chars (32 bytes)'
 ANY_HEX64 = re.compile(r'^[0-9a-fA-F]{64}$')
 
 
-def mint(mesh, broker_url, expires_at_s, role='member', max_uses=1, preset=None, with_code=False,
+def mint(store, mesh, broker_url, expires_at_s, role='member', max_uses=1, preset=None,
+         with_code=False,
          now=None):
     """Create a v1 invite row for `mesh`; return (link, token, code).
 
@@ -29,16 +31,16 @@ def mint(mesh, broker_url, expires_at_s, role='member', max_uses=1, preset=None,
         payload, token = crypto.mint_invite_v1(mesh.id, mesh.slug, broker_url, expires_at_s,
                                                mesh.root_key, role, mesh.owner_pubkey,
                                                mesh.owner_secret_key)
-        if store.Invite.get_or_none(store.Invite.token == token) is None:
+        if Invite.get_or_none(Invite.token == token) is None:
             break
         expires_at_s -= 1
     code = protocol.new_id(8) if with_code else None
     now = now or clock.utcnow()
     with store.writing():
-        store.Invite.create(
+        Invite.create(
             id=protocol.new_id(), mesh_id=mesh.id, token=token,
             token_bytes=crypto.invite_v1_text(payload), code=code, max_uses=max_uses,
-            used_count=0, role=role, preset=store.dumps(preset or {}),
+            used_count=0, role=role, preset=dumps(preset or {}),
             expires_at=datetime.datetime.utcfromtimestamp(expires_at_s), created_by='broker-admin',
             created_at=now, version=1)
     return 'ic://join/' + token, token, code
@@ -48,7 +50,7 @@ def _error(message, status=400):
     return status, {'ok': False, 'error': message}
 
 
-def join(body, now=None):
+def join(store, body, now=None):
     """Handle a parsed `POST /join` body; return (HTTP status, response dict)."""
     if not isinstance(body, dict):
         return _error(REQUIRED_FIELDS_ERROR)
@@ -68,9 +70,7 @@ def join(body, now=None):
     if not crypto.verify_hex(payload.get('owner_pubkey'), text, payload.get('signature')):
         return _error('invite_bad_signature')
     # 2. the mesh and its owner key
-    mesh = (store.Mesh.select()
-            .where((store.Mesh.id == payload.get('mesh_id')) & store.Mesh.archived_at.is_null())
-            .first()) if isinstance(payload.get('mesh_id'), str) else None
+    mesh = Mesh.live(payload['mesh_id']) if isinstance(payload.get('mesh_id'), str) else None
     if mesh is None:
         return _error('mesh_not_found')
     if not mesh.owner_pubkey:
@@ -78,7 +78,7 @@ def join(body, now=None):
     if mesh.owner_pubkey != payload.get('owner_pubkey'):
         return _error('invite_owner_mismatch')
     # 3. the invite row
-    invite = store.Invite.get_or_none(store.Invite.token == token) if isinstance(token, str) else None
+    invite = Invite.get_or_none(Invite.token == token) if isinstance(token, str) else None
     if invite is None:
         return _error('invite_not_found')
     if invite.mesh_id != mesh.id:
@@ -88,27 +88,23 @@ def join(body, now=None):
     if invite.expires_at < now:
         return _error('invite_expired')
     # 4. already a member: no use consumed
-    existing = store.Member.active(mesh.id, pubkey)
+    existing = Member.active(mesh.id, pubkey)
     if existing is not None:
         return 200, {'ok': True, 'memberId': existing.id, 'alreadyMember': True}
     # 5 and 6 in one transaction
-    preset = store.loads(invite.preset, {})
+    preset = loads(invite.preset, {})
     role = payload.get('role') if payload.get('role') in ('admin', 'member') else 'member'
     member_id = protocol.new_id()
     with store.writing():
-        used = (store.Invite.update(used_count=store.Invite.used_count + 1)
-                .where((store.Invite.id == invite.id)
-                       & (store.Invite.used_count < store.Invite.max_uses))
-                .execute())
-        if not used:
+        if not Invite.take_use(invite.id):
             return _error('invite_exhausted')
         try:
-            with store.database.obj.atomic():
-                store.Member.create(
+            with store.database.atomic():
+                Member.enrol(
                     id=member_id, mesh_id=mesh.id, peer_pubkey=pubkey,
                     display_name=preset.get('displayName') or str(name), role=role,
                     role_tag=preset.get('roleTag'),
-                    default_groups=store.dumps(preset.get('groups') or []),
+                    default_groups=dumps(preset.get('groups') or []),
                     message_mode=preset.get('messageMode') or 'push', joined_at=now,
                     peer_grants='{}')
         except Exception:
@@ -122,17 +118,17 @@ class _InsertFailed(Exception):
     """Raised inside the join transaction so that the use counter rolls back."""
 
 
-def join_safely(body, now=None):
+def join_safely(store, body, now=None):
     """join(), mapping a failed insert to `member_insert_failed` (the transaction rolled back)."""
     try:
-        return join(body, now=now)
+        return join(store, body, now=now)
     except _InsertFailed:
         return _error('member_insert_failed')
 
 
 def code_lookup(code):
     """`GET /api/public/invite-code/:code` → {found, token?}."""
-    invite = store.Invite.get_or_none(store.Invite.code == code)
+    invite = Invite.get_or_none(Invite.code == code)
     if invite is None or invite.revoked_at is not None:
         return {'found': False}
     return {'found': True, 'token': invite.token}

@@ -126,8 +126,8 @@ class Entry(object):
         return ws.send_json(frame)
 
 
-class Registry(object):
-    """presence id → Entry, indexed by mesh."""
+class ConnectionMap(object):
+    """The connection map (spec/wire.md §7.6): presence id → Entry, indexed by mesh."""
 
     def __init__(self):
         self.entries = {}

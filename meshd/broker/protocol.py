@@ -115,6 +115,20 @@ def is_finite_number(value):
     return isinstance(value, float) and math.isfinite(value)
 
 
+def req_id(frame):
+    """The `_reqId` a frame carries, when it is a string (replies echo it)."""
+    value = frame.get('_reqId')
+    return value if isinstance(value, str) else None
+
+
+def with_req(reply, frame):
+    """`reply` with the `_reqId` of `frame`, when it had one."""
+    value = req_id(frame)
+    if value is not None:
+        reply['_reqId'] = value
+    return reply
+
+
 # ----------------------------------------------------------------------------- builders
 
 def error(code, message, req_id=None, msg_id=None):

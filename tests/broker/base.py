@@ -1,31 +1,23 @@
-"""Helpers for the broker tests: an in-process broker on port 0 and raw websocket-client peers.
+"""Helpers for the broker tests: raw websocket-client peers and hello frames.
 
-`start_broker()` runs a BrokerServer on 127.0.0.1:0 with its database in a short temp dir (or in
-the PostgreSQL database of MESHD_TEST_PG_URL, emptied first) and always stops it. `Peer` is a
-raw protocol client on websocket-client's low-level `recv_frame()`, so that the tests read the
-exact frames, close codes and reasons the broker writes (DESIGN.md 22).
+The broker runs in the test process, started by tests.base.start_broker() (SQLite in a
+short temp dir, or the PostgreSQL database of MESHD_TEST_PG_URL, emptied first). `Peer` is
+a raw protocol client on websocket-client's low-level `recv_frame()`, so that the tests read
+the exact frames, close codes and reasons the broker writes (DESIGN.md 22).
 """
-import contextlib
 import json
-import os
-import shutil
 import socket
 import struct
-import tempfile
-import unittest
 import urllib.request
+import uuid
 
 import websocket
 
-from meshd import clock
-from meshd import crypto
-from meshd.broker import admin, store
-from meshd.broker.server import BrokerServer
-from tests.base import wait_for  # noqa: F401 - the broker tests import it from here
+from meshd import clock, crypto
+from meshd.broker.message_queue import MessageQueue
+from tests.base import DEADLINE, create_mesh, enrol, pg_url, start_broker
 
-PG_ENV = 'MESHD_TEST_PG_URL'
-DEADLINE = 15.0 * float(os.environ.get('MESHD_TEST_TIME_FACTOR', '1'))
-QUIET = 0.4     # how long "nothing arrives" is watched; never a sleep ≥ 0.5 s
+QUIET = 0.4     # how long "nothing arrives" is watched; never a sleep >= 0.5 s
 
 # Long by default so that idle test peers are never pinged away; tests that need a loop shorten it.
 TEST_TIMINGS = {
@@ -43,20 +35,6 @@ class Closed(object):
 
     def __repr__(self):
         return 'Closed(%r, %r)' % (self.code, self.reason)
-
-
-class Identity(object):
-    """A member key (and optionally a session key) enrolled in a mesh."""
-
-    def __init__(self, mesh_id, member_id, name, pub=None, sec=None):
-        self.mesh_id = mesh_id
-        self.member_id = member_id
-        self.name = name
-        self.pub, self.sec = (pub, sec) if pub else crypto.generate_keypair()
-
-    def session(self):
-        """A fresh session keypair (pub, sec)."""
-        return crypto.generate_keypair()
 
 
 _last_ts = [0]
@@ -193,41 +171,21 @@ class Peer(object):
             pass
 
 
-def pg_url():
-    """The PostgreSQL URL for the PG variants, or a skip (a failure when CI is set)."""
-    url = os.environ.get(PG_ENV)
-    if not url:
-        if os.environ.get('CI'):
-            raise AssertionError('%s must be set in CI (every test runs in CI)' % PG_ENV)
-        raise unittest.SkipTest('%s is not set' % PG_ENV)
-    return url
+def dm_frame(sender_sec, recipient_pub, body, cmid=None, priority='next', **extra):
+    nonce, ciphertext = crypto.seal_dm(body.encode('utf-8'), recipient_pub, sender_sec)
+    cmid = cmid or str(uuid.uuid4())
+    frame = {'type': 'send', 'id': cmid, 'client_message_id': cmid,
+             'request_fingerprint': crypto.request_fingerprint(recipient_pub, priority, body),
+             'targetSpec': recipient_pub, 'priority': priority, 'nonce': nonce,
+             'ciphertext': ciphertext}
+    frame.update(extra)
+    return frame
 
 
-def _reset_pg(url):
-    store.open_store(url, migrate_schema=False)
-    try:
-        store.drop_all()
-    finally:
-        store.close_store()
-
-
-@contextlib.contextmanager
-def start_broker(db_url=None, timings=None, **kwargs):
-    """Run a BrokerServer on 127.0.0.1:0; yield it; always stop it and remove its temp dir."""
-    tmp = tempfile.mkdtemp(prefix='meshd-', dir='/tmp')
-    if db_url is None:
-        db_url = os.path.join(tmp, 'broker', 'broker.db')
-    else:
-        _reset_pg(db_url)
-    merged = dict(TEST_TIMINGS)
-    merged.update(timings or {})
-    server = BrokerServer(listen='127.0.0.1:0', db=db_url, timings=merged, **kwargs)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+def multicast_frame(target, body, msg_id='m1', priority='next'):
+    nonce, ciphertext = crypto.encode_plain(body.encode('utf-8'))
+    return {'type': 'send', 'id': msg_id, 'targetSpec': target, 'priority': priority,
+            'nonce': nonce, 'ciphertext': ciphertext}
 
 
 class BrokerTestMixin(object):
@@ -243,22 +201,17 @@ class BrokerTestMixin(object):
 
     def setUp(self):
         db_url = pg_url() if self.backend == 'postgresql' else None
-        ctx = start_broker(db_url, timings=self.timings, **self.broker_kwargs)
-        self.broker = ctx.__enter__()
-        self.addCleanup(ctx.__exit__, None, None, None)
+        self.broker = start_broker(self, db_url, timings=dict(TEST_TIMINGS, **(self.timings or {})),
+                                   **self.broker_kwargs)
         self.url = self.broker.url
-        with store.connection():
-            mesh = admin.create_mesh('Test Mesh')
-        self.mesh_id = mesh['id']
-        self.mesh_slug = mesh['slug']
+        self.mesh = create_mesh(self.broker.store, 'Test Mesh')
+        self.mesh_id = self.mesh['id']
+        self.mesh_slug = self.mesh['slug']
         self.peers = []
 
     def member(self, name, role='member'):
-        """Enroll a new member key; return its Identity."""
-        pub, sec = crypto.generate_keypair()
-        with store.connection():
-            result = admin.add_member(self.mesh_slug, pub, name, role=role)
-        return Identity(self.mesh_id, result['memberId'], name, pub, sec)
+        """Enroll a new member key; return its tests.base.Member."""
+        return enrol(self.broker.store, self.mesh, name, role=role)
 
     def connect(self):
         peer = Peer(self.url)
@@ -301,8 +254,8 @@ class BrokerTestMixin(object):
                 return exc.code, text
 
     def queue_rows(self, **where):
-        with store.connection():
-            q = store.MessageQueue.select()
+        with self.broker.store.connection():
+            q = MessageQueue.select()
             for key, value in where.items():
-                q = q.where(getattr(store.MessageQueue, key) == value)
+                q = q.where(getattr(MessageQueue, key) == value)
             return list(q)

@@ -11,7 +11,8 @@ import unittest
 import websocket
 
 from meshd.broker import admission
-from tests.broker.base import DEADLINE, BrokerTestMixin, Peer, hello_frame, wait_for
+from tests.base import DEADLINE, wait_for
+from tests.broker.base import BrokerTestMixin, Peer, hello_frame
 
 
 def connect_from(source, port, headers=None):

@@ -1,29 +1,13 @@
 """Delivery conformance (spec/wire.md §4.1, §4.2, §7, §12 items 10–21)."""
 import json
 import unittest
-import uuid
 
 from meshd import clock
 from meshd import crypto
-from meshd.broker import protocol, store
-from tests.broker.base import BrokerTestMixin, wait_for
-
-
-def dm_frame(sender_sec, recipient_pub, body, cmid=None, priority='next', **extra):
-    nonce, ciphertext = crypto.seal_dm(body.encode('utf-8'), recipient_pub, sender_sec)
-    cmid = cmid or str(uuid.uuid4())
-    frame = {'type': 'send', 'id': cmid, 'client_message_id': cmid,
-             'request_fingerprint': crypto.request_fingerprint(recipient_pub, priority, body),
-             'targetSpec': recipient_pub, 'priority': priority, 'nonce': nonce,
-             'ciphertext': ciphertext}
-    frame.update(extra)
-    return frame
-
-
-def multicast_frame(target, body, msg_id='m1', priority='next'):
-    nonce, ciphertext = crypto.encode_plain(body.encode('utf-8'))
-    return {'type': 'send', 'id': msg_id, 'targetSpec': target, 'priority': priority,
-            'nonce': nonce, 'ciphertext': ciphertext}
+from meshd.broker import protocol
+from meshd.broker.models import Member
+from tests.base import wait_for
+from tests.broker.base import BrokerTestMixin, dm_frame, multicast_frame
 
 
 class DeliveryMixin(BrokerTestMixin):
@@ -98,11 +82,11 @@ class DeliveryMixin(BrokerTestMixin):
                                         self.bob.sec), b'while away')
 
     def test_evicted_session_key_is_a_known_offline_recipient(self):
-        self.broker.t['broker_grace'] = 0.05
+        self.broker.timings['broker_grace'] = 0.05
         keys = crypto.generate_keypair()
         bob_session, _, _ = self.session(self.bob, session_keys=keys)
         bob_session.close()
-        wait_for(lambda: not self.broker.registry.all())      # evicted, row disconnected
+        wait_for(lambda: not self.broker.presences.all())      # evicted, row disconnected
         alice_peer, _ = self.hello(self.alice)
         ack = self.send_ok(alice_peer, dm_frame(self.alice.sec, keys[0], 'for the session'))
         bob_daemon, _ = self.hello(self.bob)
@@ -119,7 +103,7 @@ class DeliveryMixin(BrokerTestMixin):
         row = self.queue_rows(id=ack['messageId'])[0]
         self.assertAlmostEqual((row.expires_at - row.created_at).total_seconds(), self.broker.dm_ttl,
                                delta=1)
-        with store.connection():
+        with self.broker.store.connection():
             self.broker.delivery.expire(now=row.expires_at)
         # Kept, marked undelivered, until its sender's daemon was told (meshd extension).
         expired = self.queue_rows(id=ack['messageId'])[0]
@@ -185,11 +169,11 @@ class DeliveryMixin(BrokerTestMixin):
         self.assertEqual(self.queue_rows(), [])
 
     def test_evicted_legacy_ephemeral_key_is_refused(self):
-        self.broker.t['broker_grace'] = 0.05
+        self.broker.timings['broker_grace'] = 0.05
         eph, _ = crypto.generate_keypair()
         legacy, _ = self.hello(self.bob, sessionPubkey=eph)
         legacy.close()
-        wait_for(lambda: not self.broker.registry.all())
+        wait_for(lambda: not self.broker.presences.all())
         alice_peer, _ = self.hello(self.alice)
         self.send_refused(alice_peer, dm_frame(self.alice.sec, eph, 'x'), protocol.ERR_NO_PEER)
 
@@ -197,9 +181,9 @@ class DeliveryMixin(BrokerTestMixin):
         """D6: a session-keyed block refuses the DM before it is stored."""
         keys = crypto.generate_keypair()
         alice_session, _, _ = self.session(self.alice, session_keys=keys)
-        with store.connection():
-            store.Member.update(peer_grants=json.dumps({keys[0]: []})).where(
-                store.Member.id == self.bob.member_id).execute()
+        with self.broker.store.connection():
+            Member.update(peer_grants=json.dumps({keys[0]: []})).where(
+                Member.id == self.bob.member_id).execute()
         self.send_refused(alice_session, dm_frame(keys[1], self.bob.pub, 'blocked'),
                           'blocked by recipient grants (sender lacks dm capability)')
         self.assertEqual(self.queue_rows(), [])
@@ -218,13 +202,13 @@ class DeliveryMixin(BrokerTestMixin):
         self.assertEqual(push['messageId'], ack['messageId'])   # sweeper is 600 s: close path did it
 
     def test_never_acking_client_is_not_resent_by_sweeper(self):
-        self.broker.t['broker_lease'] = 0.05
+        self.broker.timings['broker_lease'] = 0.05
         self.broker.delivery.lease = 0.05
         alice_peer, _ = self.hello(self.alice)
         bob_peer, _ = self.hello(self.bob)
         self.send_ok(alice_peer, dm_frame(self.alice.sec, self.bob.pub, 'no ack'))
         bob_peer.expect('push')
-        with store.connection():
+        with self.broker.store.connection():
             wait_for(lambda: self.queue_rows()[0].claim_expires_at < clock.utcnow())
             self.broker._sweep_step()
         bob_peer.expect_nothing()
@@ -303,9 +287,9 @@ class DeliveryMixin(BrokerTestMixin):
         alice_peer, _ = self.hello(self.alice)
         bob_peer, _ = self.hello(self.bob)
         carol_peer, _ = self.hello(carol)
-        with store.connection():
-            store.Member.update(peer_grants=json.dumps({self.alice.pub: ['dm']})).where(
-                store.Member.id == carol.member_id).execute()
+        with self.broker.store.connection():
+            Member.update(peer_grants=json.dumps({self.alice.pub: ['dm']})).where(
+                Member.id == carol.member_id).execute()
         bob_peer.send({'type': 'set_visible', 'visible': False, '_reqId': 'v'})
         self.assertEqual(bob_peer.expect('ack', skip=('push',)),
                          {'type': 'ack', 'id': 'v', 'messageId': '', 'queued': False, '_reqId': 'v'})

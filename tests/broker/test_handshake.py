@@ -4,10 +4,11 @@ import unittest
 
 from meshd import clock
 from meshd import crypto
-from meshd.broker import protocol, store
+from meshd.broker import protocol
+from meshd.broker.models import Member
 from meshd.broker.presence import OFFLINE
-from tests.broker.base import (BrokerTestMixin, Closed, hello_frame, session_hello_frame,
-                               wait_for)
+from tests.base import wait_for
+from tests.broker.base import (BrokerTestMixin, Closed, hello_frame, session_hello_frame)
 
 NOW = 1800000000000
 
@@ -20,7 +21,7 @@ class HandshakeMixin(BrokerTestMixin):
 
     def rejected(self, frame, code, message, close_code=1008, reason=None):
         """Send a hello frame; assert the exact error frame, then the close code and reason."""
-        before = len(self.broker.registry.all())
+        before = len(self.broker.presences.all())
         peer = self.connect()
         peer.send(frame)
         error = peer.recv()
@@ -28,11 +29,11 @@ class HandshakeMixin(BrokerTestMixin):
         closed = peer.recv()
         self.assertIsInstance(closed, Closed)
         self.assertEqual((closed.code, closed.reason), (close_code, reason or code))
-        self.assertEqual(len(self.broker.registry.all()), before)
+        self.assertEqual(len(self.broker.presences.all()), before)
         return peer
 
     def fixed_clock(self):
-        self.broker.clock_ms = lambda: NOW
+        self.broker.handshake.clock_ms = lambda: NOW
 
     # ------------------------------------------------------------------ hello
 
@@ -121,9 +122,9 @@ class HandshakeMixin(BrokerTestMixin):
         self.rejected(hello_frame(stranger), 'unauthorized', 'pubkey not found in mesh')
 
     def test_revoked_member_gets_4002(self):
-        with store.connection():
-            store.Member.update(revoked_at=clock.utcnow()).where(
-                store.Member.id == self.alice.member_id).execute()
+        with self.broker.store.connection():
+            Member.update(revoked_at=clock.utcnow()).where(
+                Member.id == self.alice.member_id).execute()
         self.rejected(hello_frame(self.alice), 'revoked',
                       'You\'ve been removed from "Test Mesh". Contact the mesh owner to rejoin.',
                       close_code=4002, reason='banned')
@@ -251,7 +252,7 @@ class HandshakeMixin(BrokerTestMixin):
         second, _, _ = self.session(self.alice, session_keys=keys, sessionId='another-id')
         closed = first.expect_close()
         self.assertEqual((closed.code, closed.reason), (1000, 'session_replaced'))
-        self.assertEqual(len(self.broker.registry.all()), 1)
+        self.assertEqual(len(self.broker.presences.all()), 1)
 
     def test_session_id_dedup(self):
         first, _ = self.hello(self.alice, sessionId='same')
@@ -262,12 +263,12 @@ class HandshakeMixin(BrokerTestMixin):
 
     def test_socket_closed_during_hello_is_not_listed(self):
         """D2: a socket closed between binding and hello_ack never stays listed."""
-        self.broker.fault_hooks['before_hello_ack'] = lambda entry: entry.ws.terminate()
+        self.broker.lifecycle.fault_hooks['before_hello_ack'] = lambda entry: entry.ws.terminate()
         peer = self.connect()
         peer.send(hello_frame(self.alice))
         peer.expect_dropped()
-        del self.broker.fault_hooks['before_hello_ack']
-        self.assertEqual(self.broker.registry.all(), [])
+        del self.broker.lifecycle.fault_hooks['before_hello_ack']
+        self.assertEqual(self.broker.presences.all(), [])
         bob = self.member('bob')
         bob_peer, _ = self.hello(bob)
         bob_peer.send({'type': 'list_peers', '_reqId': 'q'})
@@ -279,14 +280,14 @@ class HandshakeMixin(BrokerTestMixin):
         """On PostgreSQL the hello's reads yield: the presence it meant to reattach could be
         evicted meanwhile, and the socket was bound to an entry no longer registered."""
         first, _ = self.hello(self.alice, sessionId='laptop')
-        old = self.broker.registry.all()[0]
+        old = self.broker.presences.all()[0]
         first.close()
         wait_for(lambda: old.lease == OFFLINE, what='offline lease')
-        self.broker.fault_hooks['before_bind'] = lambda entry: self.broker._evict(
+        self.broker.lifecycle.fault_hooks['before_bind'] = lambda entry: self.broker.lifecycle.evict(
             entry, entry.grace_token)
         again, ack = self.hello(self.alice, sessionId='laptop')
-        del self.broker.fault_hooks['before_bind']
-        entries = self.broker.registry.all()
+        del self.broker.lifecycle.fault_hooks['before_bind']
+        entries = self.broker.presences.all()
         self.assertEqual(len(entries), 1)
         self.assertIsNot(entries[0], old)
         self.assertTrue(entries[0].is_live)
@@ -300,21 +301,22 @@ class HandshakeMixin(BrokerTestMixin):
         its presence online but never acked: unreachable, yet listed to peers."""
         def fail(entry):
             raise RuntimeError('injected')
-        self.broker.fault_hooks['before_hello_ack'] = fail
+        self.broker.lifecycle.fault_hooks['before_hello_ack'] = fail
         peer = self.connect()
         peer.send(hello_frame(self.alice))
         self.assertEqual(peer.recv(), {'type': 'error', 'code': 'internal',
                                        'message': 'internal error'})
         self.assertEqual(peer.expect_close().code, 1011)
-        del self.broker.fault_hooks['before_hello_ack']
+        del self.broker.lifecycle.fault_hooks['before_hello_ack']
         bob = self.member('bob')
         bob_peer, _ = self.hello(bob)
         bob_peer.send({'type': 'list_peers', '_reqId': 'q'})
         peers = bob_peer.expect('peers_list')['peers']
         self.assertEqual([p['memberPubkey'] for p in peers], [bob.pub])
+
     def test_capacity_never_leaks(self):
         """D1: entries removed by kick, ban and sessionId de-dup free their capacity at once."""
-        self.broker.max_connections_per_mesh = 4
+        self.broker.handshake.max_per_mesh = 4
         admin_peer, _ = self.hello(self.alice)
         bob, carol = self.member('bob'), self.member('carol')
         s1, _, _ = self.session(bob, displayName='s1')
@@ -334,7 +336,7 @@ class HandshakeMixin(BrokerTestMixin):
         dave, erin = self.member('dave'), self.member('erin')
         self.hello(dave)
         self.hello(erin)
-        self.assertEqual(len(self.broker.registry.in_mesh(self.mesh_id)), 4)
+        self.assertEqual(len(self.broker.presences.in_mesh(self.mesh_id)), 4)
 
 
 class HandshakeSqliteTest(HandshakeMixin, unittest.TestCase):

@@ -10,9 +10,12 @@ from unittest import mock
 
 from meshd import clock
 from meshd import crypto, invite as client
-from meshd.broker import admin, cli, store
+from meshd.broker import admin, cli, store as broker_store
+from meshd.broker.models import Invite, Member as MemberRow
 from meshd.exceptions import InviteError
-from tests.broker.base import BrokerTestMixin, hello_frame, Identity
+from tests.base import Member
+from tests.broker.base import BrokerTestMixin, hello_frame
+from tests.vectors import V1_TOKEN
 
 OWNER_SEED_PK = '6e7a1cdd29b0b78fd13af4c5598feff4ef2a97166e3ca6f2e4fbfccd80505bf1'
 V1_TOKEN_PREFIX = 'eyJ2IjoxLCJtZXNoX2lkIjoibWVzaC10ZXN0Ii'
@@ -39,8 +42,9 @@ class HttpMixin(BrokerTestMixin):
         self.assertEqual(self.http_post('/invites/abc/claim', {}), (501, {'error': 'invite_v2_disabled'}))
 
     def mint(self, **kw):
-        with store.connection():
-            return admin.invite(self.mesh_slug, 'ws://127.0.0.1:%d/ws' % self.broker.port, **kw)
+        with self.broker.store.connection():
+            return admin.invite(self.broker.store, self.mesh_slug,
+                                'ws://127.0.0.1:%d/ws' % self.broker.port, **kw)
 
     def join_body(self, minted, pubkey=None, name='joiner'):
         payload = json.loads(crypto.b64url_decode(minted['token']))
@@ -61,8 +65,8 @@ class HttpMixin(BrokerTestMixin):
         status, answer = self.http_post('/join', body)
         self.assertEqual(status, 200)
         self.assertEqual(list(answer), ['ok', 'memberId'])
-        with store.connection():
-            member = store.Member.get_by_id(answer['memberId'])
+        with self.broker.store.connection():
+            member = MemberRow.get_by_id(answer['memberId'])
         self.assertEqual((member.display_name, json.loads(member.default_groups)),
                          ('preset-name', [{'name': 'eng', 'role': 'lead'}]))
         # Same key again: alreadyMember, no use consumed; a new key: exhausted.
@@ -80,8 +84,8 @@ class HttpMixin(BrokerTestMixin):
 
     def test_expired_invite(self):
         minted = self.mint()
-        with store.connection():
-            store.Invite.update(expires_at=clock.utcnow()).execute()
+        with self.broker.store.connection():
+            Invite.update(expires_at=clock.utcnow()).execute()
         self.assertEqual(self.http_post('/join', self.join_body(minted))[1]['error'], 'invite_expired')
 
     def test_body_limit(self):
@@ -90,8 +94,9 @@ class HttpMixin(BrokerTestMixin):
 
     def test_client_join_then_hello(self):
         """End to end: invite, meshd.invite.enroll, then the member's hello succeeds."""
-        with store.connection():
-            link = admin.invite(self.mesh_slug, 'ws://127.0.0.1:%d/ws' % self.broker.port)['link']
+        with self.broker.store.connection():
+            link = admin.invite(self.broker.store, self.mesh_slug,
+                                'ws://127.0.0.1:%d/ws' % self.broker.port)['link']
         parsed = client.parse_invite(link)
         self.assertEqual(parsed['mesh_id'], self.mesh_id)
         pub, sec = crypto.generate_keypair()
@@ -104,7 +109,7 @@ class HttpMixin(BrokerTestMixin):
             client.enroll(parsed, crypto.generate_keypair()[0], 'laptop-2')
         self.assertEqual(str(ctx.exception), 'broker refused the invite: invite_exhausted')
         peer = self.connect()
-        peer.send(hello_frame(Identity(entry['meshId'], entry['memberId'], 'laptop-1', pub, sec)))
+        peer.send(hello_frame(Member.from_entry(dict(entry, secretKey=sec), 'laptop-1')))
         self.assertEqual(peer.expect('hello_ack')['memberDisplayName'], 'laptop-1')
 
 
@@ -125,7 +130,6 @@ class ParseInviteTest(unittest.TestCase):
             self.assertEqual(client.parse_invite(link)['mesh_slug'], 'test-mesh')
 
     def test_vector_token_is_expired(self):
-        from tests.test_crypto import V1_TOKEN
         with self.assertRaises(InviteError) as ctx:
             client.parse_invite('ic://join/' + V1_TOKEN)
         self.assertTrue(str(ctx.exception).startswith('invite expired on 2023-11-21'))
@@ -210,18 +214,18 @@ class AdminCliTest(unittest.TestCase):
         self.assertIn('run broker-admin as that user', err)
 
     def test_mint_reproduces_vector(self):
-        from tests.test_crypto import V1_TOKEN
 
         class _Mesh(object):
             id, slug, root_key, owner_pubkey = ('mesh-test', 'test-mesh', 'dGVzdC1tZXNoLXJvb3Qta2V5',
                                                 OWNER_SEED_PK)
             owner_secret_key = crypto.keypair_from_seed(b'\x05' * 32)[1]
-        store.open_store(self.db)
+        store = broker_store.open_store(self.db)
         try:
             from meshd.broker import invite as broker_invite
-            link, token, code = broker_invite.mint(_Mesh, 'ws://localhost:7900/ws', 1700604800)
+            link, token, code = broker_invite.mint(store, _Mesh, 'ws://localhost:7900/ws',
+                                                   1700604800)
         finally:
-            store.close_store()
+            store.close()
         self.assertEqual((link, token, code), ('ic://join/' + V1_TOKEN, V1_TOKEN, None))
 
 

@@ -2,9 +2,10 @@
 keepalive, revocation and shutdown."""
 import unittest
 
-from meshd.broker import admin, store
-from tests.broker.base import BrokerTestMixin, hello_frame, wait_for
-from tests.broker.test_delivery import dm_frame
+from meshd.broker import admin
+from meshd.broker.models import Presence
+from tests.base import wait_for
+from tests.broker.base import BrokerTestMixin, dm_frame, hello_frame
 
 
 class GraceMixin(BrokerTestMixin):
@@ -19,11 +20,11 @@ class GraceMixin(BrokerTestMixin):
         alice_peer, _ = self.hello(self.alice)
         bob_peer, _ = self.hello(self.bob)
         alice_peer.expect('peer_joined')
-        self.broker.t['broker_grace'] = 30.0
+        self.broker.timings['broker_grace'] = 30.0
         bob_peer.close()
-        wait_for(lambda: self.broker.registry.all()[-1].lease == 'offline')
+        wait_for(lambda: self.broker.presences.all()[-1].lease == 'offline')
         again, ack = self.hello(self.bob)               # same sessionId → silent reattach
-        self.assertEqual(len(self.broker.registry.all()), 2)
+        self.assertEqual(len(self.broker.presences.all()), 2)
         alice_peer.expect_nothing()
         again.send({'type': 'list_peers', '_reqId': 'p'})
         self.assertEqual(len(again.expect('peers_list')['peers']), 2)
@@ -87,7 +88,7 @@ class AdminVerbsMixin(BrokerTestMixin):
         for peer in (bob_daemon, bob_session):
             closed = peer.expect_close()
             self.assertEqual((closed.code, closed.reason), (1000, 'disconnected'))
-        self.assertEqual([e.display_name for e in self.broker.registry.all()], ['owner'])
+        self.assertEqual([e.display_name for e in self.broker.presences.all()], ['owner'])
 
     def test_a_stale_beyond_any_date_selects_nobody(self):
         """Fuzzing: `stale` of 2^63 ms overflowed a timedelta and answered `internal`."""
@@ -104,7 +105,7 @@ class AdminVerbsMixin(BrokerTestMixin):
         bob_daemon.send({'type': 'join_group', 'name': 'ops', 'role': 'lead'})
         bob_daemon.send({'type': 'list_peers', '_reqId': 'sync'})
         bob_daemon.expect('peers_list', skip=('push',))
-        entry = [e for e in self.broker.registry.all() if e.display_name == 'bob'][0]
+        entry = [e for e in self.broker.presences.all() if e.display_name == 'bob'][0]
         self.assertEqual(entry.groups, [{'name': 'ops', 'role': 'lead'}])
 
     def test_ban_closes_4002_and_blocks_hello(self):
@@ -138,8 +139,8 @@ class AdminVerbsMixin(BrokerTestMixin):
 
     def test_revoke_by_admin_cli_closes_within_a_sweep(self):
         bob_daemon, _ = self.hello(self.bob)
-        with store.connection():
-            admin.revoke_member(self.mesh_slug, self.bob.pub)
+        with self.broker.store.connection():
+            admin.revoke_member(self.broker.store, self.mesh_slug, self.bob.pub)
             self.broker._sweep_step()           # one sweeper step (the loop runs it every 15 s)
         error = bob_daemon.recv()
         self.assertEqual(error['code'], 'revoked')
@@ -173,9 +174,9 @@ class ShutdownMixin(BrokerTestMixin):
         for p in (peer, pending):
             closed = p.expect_close()
             self.assertEqual((closed.code, closed.reason), (1001, 'shutting down'))
-        with store.connection():
-            self.assertEqual(store.Presence.select().where(
-                store.Presence.disconnected_at.is_null()).count(), 0)
+        with self.broker.store.connection():
+            self.assertEqual(Presence.select().where(
+                Presence.disconnected_at.is_null()).count(), 0)
 
 
 for _mixin in (GraceMixin, AdminVerbsMixin, KeepaliveMixin, ShutdownMixin):

@@ -12,10 +12,11 @@ import unittest
 
 import peewee
 
-from meshd import crypto
-from meshd.broker import admin, store
+from meshd.broker import migrations, store as broker_store
 from meshd.exceptions import StorageError
-from tests.broker.base import DEADLINE, Identity, Peer, hello_frame
+from storage import migrate
+from tests.base import DEADLINE, create_mesh, enrol, start_broker
+from tests.broker.base import Peer, hello_frame
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = ('from gevent import monkey; monkey.patch_all()\n'
@@ -31,15 +32,11 @@ class SigtermTest(unittest.TestCase):
         self.tmp = tempfile.mkdtemp(prefix='meshd-', dir='/tmp')
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.db = os.path.join(self.tmp, 'broker.db')
-        store.open_store(self.db)
+        store = broker_store.open_store(self.db)
         try:
-            with store.connection():
-                mesh = admin.create_mesh('proc')
-                pub, sec = crypto.generate_keypair()
-                member = admin.add_member('proc', pub, 'alice')
+            self.ident = enrol(store, create_mesh(store, 'proc'), 'alice')
         finally:
-            store.close_store()
-        self.ident = Identity(mesh['id'], member['memberId'], 'alice', pub, sec)
+            store.close()
 
     def test_sigterm_closes_1001_and_exits_0(self):
         env = dict(os.environ, PYTHONPATH=ROOT)
@@ -72,14 +69,13 @@ class SigtermTest(unittest.TestCase):
 class SingleInstanceTest(unittest.TestCase):
 
     def test_second_broker_on_the_same_database_is_refused(self):
-        from tests.broker.base import start_broker
         from meshd.broker.server import BrokerServer
-        with start_broker() as first:
-            second = BrokerServer(listen='127.0.0.1:0', db=first.db_url)
-            with self.assertRaises(StorageError) as ctx:
-                second.start()
-            self.assertIn('another meshd broker is using', str(ctx.exception))
-            store.open_store(first.db_url)      # the refused start closed the shared store
+        first = start_broker(self)
+        second = BrokerServer(listen='127.0.0.1:0', db=first.db_url)
+        with self.assertRaises(StorageError) as ctx:
+            second.start()
+        self.assertIn('another meshd broker is using', str(ctx.exception))
+        first.stop()
         third = BrokerServer(listen='127.0.0.1:0', db=first.db_url)
         third.start()
         third.stop()
@@ -90,37 +86,36 @@ class MigrationTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix='meshd-', dir='/tmp')
         self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.addCleanup(store.close_store)
 
     def columns(self, db):
         return {t: sorted(c.name for c in db.get_columns(t)) for t in sorted(db.get_tables())}
 
     def test_migrating_gives_the_models_schema(self):
-        migrated = store.open_store(os.path.join(self.tmp, 'a.db'))
-        with store.connection():
-            self.assertEqual(store.schema_version(), store.HEAD)
-            got = self.columns(migrated)
-        store.close_store()
+        store = broker_store.open_store(os.path.join(self.tmp, 'a.db'))
+        self.assertEqual(migrate.schema_version(store), migrations.HEAD)
+        with store.connection() as db:
+            got = self.columns(db)
+        store.close()
         fresh = peewee.SqliteDatabase(os.path.join(self.tmp, 'b.db'))
-        with fresh.bind_ctx(store.MODELS):
-            fresh.create_tables(store.MODELS)
+        with fresh.bind_ctx(broker_store.MODELS):
+            fresh.create_tables(broker_store.MODELS)
             expected = self.columns(fresh)
         fresh.close()
         self.assertEqual(got, expected)
 
     def test_newer_schema_is_refused(self):
         path = os.path.join(self.tmp, 'c.db')
-        store.open_store(path)
+        store = broker_store.open_store(path)
         with store.connection() as db:
-            db.execute_sql('PRAGMA user_version = %d' % (store.HEAD + 1))
-        store.close_store()
+            db.execute_sql('PRAGMA user_version = %d' % (migrations.HEAD + 1))
+        store.close()
         with self.assertRaises(StorageError) as ctx:
-            store.open_store(path)
+            broker_store.open_store(path)
         self.assertIn('newer than this meshd', str(ctx.exception))
 
     def test_file_modes(self):
         path = os.path.join(self.tmp, 'sub', 'broker.db')
-        store.open_store(path)
+        broker_store.open_store(path).close()
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         self.assertEqual(os.stat(os.path.dirname(path)).st_mode & 0o777, 0o700)
 

@@ -1,12 +1,12 @@
 """Socket-free units of the broker: rate buckets, option parsing, group matching, grants."""
 import os
 import shutil
-import tempfile
 import unittest
 
-from meshd.broker import admin, delivery, ratelimit, server, store
+from meshd.broker import admin, delivery, ratelimit, server, store as broker_store
 from meshd.broker.presence import group_targets, normalise_groups
 from meshd.exceptions import ConfigError
+from tests.base import short_tempdir
 
 
 class RateLimiterTest(unittest.TestCase):
@@ -84,13 +84,13 @@ class InviteMintTest(unittest.TestCase):
     def test_two_identical_invites_in_one_second_get_distinct_tokens(self):
         """Two v1 invites minted in the same second with the same fields collided on the
         unique token and broker-admin died with a traceback."""
-        tmp = tempfile.mkdtemp(prefix='meshd-', dir='/tmp')
+        tmp = short_tempdir()
         self.addCleanup(shutil.rmtree, tmp, True)
-        store.open_store(os.path.join(tmp, 'broker.db'))
-        self.addCleanup(store.close_store)
+        store = broker_store.open_store(os.path.join(tmp, 'broker.db'))
+        self.addCleanup(store.close)
         with store.connection():
-            admin.create_mesh('Team', slug='team')
-            first = admin.invite('team', 'ws://127.0.0.1:7900/ws')
-            second = admin.invite('team', 'ws://127.0.0.1:7900/ws')
+            admin.create_mesh(store, 'Team', slug='team')
+            first = admin.invite(store, 'team', 'ws://127.0.0.1:7900/ws')
+            second = admin.invite(store, 'team', 'ws://127.0.0.1:7900/ws')
         self.assertNotEqual(first['token'], second['token'])
         self.assertEqual(second['expires_at'], first['expires_at'] - 1)

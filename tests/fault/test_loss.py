@@ -28,10 +28,9 @@ import gevent.event
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 from rpc.protocol import encode, request
 
-from meshd import crypto
-from meshd.broker import admin, store
-from tests.base import (DEADLINE, ENTRY, ROOT, TIME_FACTOR, MeshdTestCase, meshd_env,
-                        short_tempdir, wait_for)
+from meshd.broker import store as broker_store
+from tests.base import (DEADLINE, ENTRY, ROOT, TIME_FACTOR, MeshdTestCase, create_mesh, enrol,
+                        meshd_env, short_tempdir, wait_for)
 from tests.fault.proxy import TcpProxy
 from tests.links_base import DAEMON_TIMINGS
 
@@ -268,14 +267,13 @@ class LossUnderFaultsTest(MeshdTestCase):
         os.mkdir(broker_dir, 0o700)
         self.broker = BrokerProcess(broker_dir, free_port(), BROKER_FAULT_TIMINGS)
         self.addCleanup(self.broker.cleanup)
-        store.open_store(self.broker.db)
+        store = broker_store.open_store(self.broker.db)
         try:
-            with store.connection():
-                mesh = admin.create_mesh('Fault', slug='fault')
-                self.alice = self._member(mesh, 'alice', self.broker.url)
-                self.bob = self._member(mesh, 'bob', None)
+            mesh = create_mesh(store, 'Fault', slug='fault')
+            self.alice = enrol(store, mesh, 'alice').entry(self.broker.url)
+            self.bob = enrol(store, mesh, 'bob').entry(None)
         finally:
-            store.close_store()
+            store.close()
         self.broker.start()
         self.proxy = TcpProxy('127.0.0.1', self.broker.port).start()
         self.addCleanup(self.proxy.close)
@@ -292,14 +290,6 @@ class LossUnderFaultsTest(MeshdTestCase):
         self._wait_link(self.db, 'open')
         self.sender = Sender(self.da.socket, self.bob['pubkey'], DMS)
         self.addCleanup(self.sender.stop)
-
-    @staticmethod
-    def _member(mesh, name, broker_url):
-        pub, sec = crypto.generate_keypair()
-        result = admin.add_member(mesh['slug'], pub, name)
-        return {'meshId': mesh['id'], 'memberId': result['memberId'], 'slug': mesh['slug'],
-                'name': mesh['slug'], 'pubkey': pub, 'secretKey': sec, 'brokerUrl': broker_url,
-                'joinedAt': '2026-01-01T00:00:00.000Z'}
 
     def _start(self, name):
         return self.start_daemon(args=['--no-tcp'], timings=DAEMON_FAULT_TIMINGS,

@@ -1,0 +1,33 @@
+"""The test vectors of spec/wire.md §2.6, shared by the crypto and invite tests."""
+
+MEMBER_PK = '8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c'
+SESSION_PK = '8139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b394'
+RECIPIENT_PK = 'ed4928c628d1c2c6eae90338905995612959273a5c63f93636c14614ac8737d1'
+OWNER_PK = '6e7a1cdd29b0b78fd13af4c5598feff4ef2a97166e3ca6f2e4fbfccd80505bf1'
+
+HELLO_TEXT = ('mesh-test|member-test|8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c'
+              '|1700000000000')
+HELLO_SIG = ('8195aa4093f81dcb6f8b32f2b8e3705204aced0dc1958dd95abda1a5dde3ae37'
+             'd6dab0e163bd01d917a99d4064311327793424e333e66040399d548ec6492500')
+ATTEST_TEXT = ('claudemesh-session-attest|' + MEMBER_PK + '|' + SESSION_PK + '|1700043200000')
+ATTEST_SIG = ('d6237c82ab2a8bebc9d2e7ba83f8e89e629888b7cc12406a0f3dd10c4bd83699'
+              '338b032262f85cb1e4aea3c367726ec89c1e0f2541e37775bedb50fd6a3a8409')
+SESSION_HELLO_TEXT = ('claudemesh-session-hello|mesh-test|' + MEMBER_PK + '|' + SESSION_PK
+                      + '|1700000000000')
+SESSION_HELLO_SIG = ('a452ed853a15d23f8993d84963d24809bbc32db369e135d95368f2b052457db6'
+                     '79167022af6e23dbcfefb577c02ea5562bb60d0340678ab664506992b8118d0d')
+V1_TEXT = ('1|mesh-test|test-mesh|ws://localhost:7900/ws|1700604800|dGVzdC1tZXNoLXJvb3Qta2V5|member|'
+           + OWNER_PK)
+V1_SIG = ('320be7147e3293c3c0a759cad8e0a2f4038f51b65f29a768c670cc55111afbba'
+          'd7d7e37ca8c2b85d88eb01f71b7d71e8c5f8090c24b59bc9373f530dcb4ca301')
+V1_TOKEN = (
+    'eyJ2IjoxLCJtZXNoX2lkIjoibWVzaC10ZXN0IiwibWVzaF9zbHVnIjoidGVzdC1tZXNoIiwiYnJva2VyX3VybCI6'
+    'IndzOi8vbG9jYWxob3N0Ojc5MDAvd3MiLCJleHBpcmVzX2F0IjoxNzAwNjA0ODAwLCJtZXNoX3Jvb3Rfa2V5Ijoi'
+    'ZEdWemRDMXRaWE5vTFhKdmIzUXRhMlY1Iiwicm9sZSI6Im1lbWJlciIsIm93bmVyX3B1YmtleSI6IjZlN2ExY2Rk'
+    'MjliMGI3OGZkMTNhZjRjNTU5OGZlZmY0ZWYyYTk3MTY2ZTNjYTZmMmU0ZmJmY2NkODA1MDViZjEiLCJzaWduYXR1'
+    'cmUiOiIzMjBiZTcxNDdlMzI5M2MzYzBhNzU5Y2FkOGUwYTJmNDAzOGY1MWI2NWYyOWE3NjhjNjcwY2M1NTExMWFm'
+    'YmJhZDdkN2UzN2NhOGMyYjg1ZDg4ZWIwMWY3MWI3ZDcxZThjNWY4MDkwYzI0YjU5YmM5MzczZjUzMGRjYjRjYTMw'
+    'MSJ9')
+V2_TEXT = 'v=2|mesh-test|inv-1|1700604800|member|' + OWNER_PK
+V2_SIG = ('f137945a822eb6def3438ba3d5adeb70276755c4d2fd7818cf5f81ac85eaec17'
+          '2ca952ddf3fef53a6678e8acd1507f1a75ad3d631ba7d0592a843d0b166f9c00')
