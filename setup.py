@@ -11,7 +11,7 @@ setup(
     license='MIT',
     python_requires='>=3.9',
     # Never py_modules=['meshd'] beside packages=['meshd']: meshd.py would shadow the package.
-    packages=['meshd', 'meshd.broker', 'rpc', 'storage'],
+    packages=['meshd', 'meshd.api', 'meshd.broker', 'meshd.cli', 'rpc', 'storage'],
     # Ranges admit Debian 12's packaged versions and current PyPI releases (DESIGN.md 7).
     install_requires=[
         'gevent>=22.10',

@@ -69,9 +69,6 @@ class DaemonOptions:
     def __setattr__(self, name, value):
         raise AttributeError('DaemonOptions is immutable')
 
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.__slots__}
-
 
 def build_options(file_config=None, **overrides):
     """Defaults, then config.json's keys, then `overrides` (None means not given)."""

@@ -19,9 +19,9 @@ import nacl.public
 import nacl.signing
 import nacl.utils
 
-HEX64 = re.compile(r'^[0-9a-f]{64}$')
-HEX64_ANY_CASE = re.compile(r'^[0-9a-fA-F]{64}$')
-HEX128_ANY_CASE = re.compile(r'^[0-9a-fA-F]{128}$')
+_HEX = {(64, False): re.compile(r'^[0-9a-f]{64}$'), (64, True): re.compile(r'^[0-9a-fA-F]{64}$'),
+        (128, False): re.compile(r'^[0-9a-f]{128}$'),
+        (128, True): re.compile(r'^[0-9a-fA-F]{128}$')}
 NONCE_BYTES = 24
 SESSION_ATTEST_PREFIX = 'claudemesh-session-attest'
 SESSION_HELLO_PREFIX = 'claudemesh-session-hello'
@@ -65,16 +65,16 @@ def public_from_secret(sec_hex):
     return bytes(_signing_key(sec_hex).verify_key).hex()
 
 
-def is_pubkey_hex(value, any_case=False):
-    """True when `value` is a 64-character hex string (lowercase unless any_case)."""
-    if not isinstance(value, str):
-        return False
-    return bool((HEX64_ANY_CASE if any_case else HEX64).match(value))
+def is_hex64(value, any_case=False):
+    """True when `value` is a 64-character hex string, lowercase unless any_case: a pubkey,
+    a session token. The one check for it; wire fields that must be lowercase say so."""
+    return isinstance(value, str) and bool(_HEX[64, any_case].match(value))
 
 
-def is_signature_hex(value):
-    """True when `value` is 128 hex characters (either case, as the reference accepts)."""
-    return isinstance(value, str) and bool(HEX128_ANY_CASE.match(value))
+def is_hex128(value, any_case=False):
+    """True when `value` is 128 hex characters: a secret key, a detached signature (either
+    case for a signature a peer sent, as the reference accepts)."""
+    return isinstance(value, str) and bool(_HEX[128, any_case].match(value))
 
 
 # ----------------------------------------------------------------------------- signatures
@@ -87,7 +87,7 @@ def sign_hex(sec_hex, text):
 def verify_hex(pub_hex, text, sig_hex):
     """True when `sig_hex` is a valid signature of `text` by `pub_hex`; False on any bad input."""
     try:
-        if not is_pubkey_hex(pub_hex, any_case=True) or not is_signature_hex(sig_hex):
+        if not is_hex64(pub_hex, any_case=True) or not is_hex128(sig_hex, any_case=True):
             return False
         vk = nacl.signing.VerifyKey(bytes.fromhex(pub_hex))
         vk.verify(text.encode('utf-8'), bytes.fromhex(sig_hex))

@@ -1,4 +1,5 @@
-"""Private files: created with their final mode, never widened for an instant (spec/daemon.md §1.1).
+"""Files written safely: private ones created with their final mode, never widened for an instant
+(spec/daemon.md §1.1), and atomic replacement for every file meshd rewrites.
 
 Secrets (`local-token`, `config.json`, keypairs, the fingerprint record, session-token
 files) are created with `os.open(..., mode)`; rewrites go through an O_EXCL temporary file
@@ -35,17 +36,23 @@ def ensure_private_dir(path):
 
 def write_private(path, data, fsync=True):
     """Atomically replace `path` with `data` (bytes or str), mode 0600 from creation."""
+    write_atomic(path, data, PRIVATE_FILE, fsync)
+
+
+def write_atomic(path, data, mode, fsync=True):
+    """Atomically replace `path` with `data` (bytes or str), `mode` from creation."""
     if isinstance(data, str):
         data = data.encode('utf-8')
     directory = os.path.dirname(path) or '.'
     tmp = os.path.join(directory, '.%s.%s.tmp' % (os.path.basename(path), secrets.token_hex(6)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, 'wb') as handle:
             handle.write(data)
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
+        os.chmod(tmp, mode)     # the umask may have narrowed the creation mode
         os.rename(tmp, path)
     except BaseException:
         try:

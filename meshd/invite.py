@@ -78,9 +78,9 @@ def parse_invite(link, now=None):
     missing = [k for k in PAYLOAD_KEYS if payload.get(k) in (None, '')]
     if missing:
         raise InviteError('invite is missing %s' % ', '.join(missing))
-    if not crypto.is_pubkey_hex(payload['owner_pubkey'], any_case=True):
+    if not crypto.is_hex64(payload['owner_pubkey'], any_case=True):
         raise InviteError('invite owner_pubkey is not 64 hex characters')
-    if not crypto.is_signature_hex(payload['signature']):
+    if not crypto.is_hex128(payload['signature'], any_case=True):
         raise InviteError('invite signature is not 128 hex characters')
     if crypto.js_integer(payload['expires_at']) is None:
         raise InviteError('invite expires_at is not an integer')

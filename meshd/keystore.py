@@ -17,8 +17,6 @@ log = logging.getLogger(__name__)
 _SLUG = re.compile(r'^[a-z0-9._-]+$', re.IGNORECASE)
 _UUID = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$',
                    re.IGNORECASE)
-_PUB = re.compile(r'^[0-9a-f]{64}$')
-_SEC = re.compile(r'^[0-9a-f]{128}$')
 
 
 class SessionKeypair:
@@ -42,8 +40,8 @@ def _read_valid(path):
             record = json.load(handle)
     except (OSError, ValueError):
         return None
-    if (isinstance(record, dict) and _PUB.match(str(record.get('publicKey', '')))
-            and _SEC.match(str(record.get('secretKey', '')))):
+    if (isinstance(record, dict) and crypto.is_hex64(record.get('publicKey'))
+            and crypto.is_hex128(record.get('secretKey'))):
         return SessionKeypair(record['publicKey'], record['secretKey'], True)
     return None
 

@@ -16,12 +16,7 @@ import uuid
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
 from meshd import clock, config as config_mod, crypto, keystore
-from meshd.exceptions import MeshdError
-
-
-
-class LaunchError(MeshdError):
-    """The session cannot be launched; one line for the user."""
+from meshd.exceptions import LaunchError
 
 
 def pick_mesh(config, requested):

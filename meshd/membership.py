@@ -9,11 +9,7 @@ import socket
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
 from meshd import config as config_mod, crypto, files, invite as invite_mod
-from meshd.exceptions import ConfigError, MeshdError
-
-
-class MembershipError(MeshdError):
-    """A join, leave or import that cannot be done; its text is one line for the user."""
+from meshd.exceptions import ConfigError, MembershipError
 
 
 def reload_running_daemon(paths):

@@ -47,10 +47,6 @@ class PidLock:
         self._fd = fd
         return self
 
-    @property
-    def held(self):
-        return self._fd is not None
-
     def release(self):
         """Unlink the file if it still names us, then close it, which drops the lock."""
         if self._fd is None:

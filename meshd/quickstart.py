@@ -11,21 +11,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
 from meshd import config as config_mod, files
-from meshd.exceptions import MeshdError
+from meshd.exceptions import CommandFailed, QuickstartError
 from meshd.paths import Paths
 
 READY_TIMEOUT = 30.0
 NAMES = ('alice', 'bob')
-
-
-class QuickstartError(MeshdError):
-    """A quickstart step failed; one line for the user."""
 
 
 def _free_port():
@@ -170,7 +165,8 @@ class Quickstart:
 
 
 def main(entry, home, wait=True, out=print):
-    """Run the quickstart; block until SIGINT/SIGTERM when `wait`; return an exit status."""
+    """Run the quickstart; block until SIGINT/SIGTERM when `wait`. A failed step raises
+    CommandFailed once everything started is stopped again."""
     quickstart = Quickstart(entry, os.path.join(home, 'quickstart'), out)
     stop = {'signal': None}
 
@@ -186,10 +182,8 @@ def main(entry, home, wait=True, out=print):
             finally:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
-        return 0
     except (QuickstartError, RpcConnectionError, RpcCallError, subprocess.TimeoutExpired) as exc:
-        print('✘ quickstart: %s' % exc, file=sys.stderr, flush=True)
-        return 1
+        raise CommandFailed('✘ quickstart: %s' % exc) from exc
     finally:
         out('stopping…')
         quickstart.stop()

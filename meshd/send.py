@@ -20,7 +20,6 @@ from meshd import clock, crypto, wire
 from meshd.clock import iso_from_ms
 
 MAX_TTL_S = 10 * 365 * 24 * 3600  # beyond this an expiry date cannot be stored or shown
-_FULL_KEY = re.compile(r'^[0-9a-fA-F]{64}$')
 _PREFIX = re.compile(r'^[0-9a-fA-F]{4,63}$')
 
 
@@ -159,7 +158,7 @@ class Sender:
                               mesh=explicit_mesh)
         if to == '*' or to.startswith('@'):
             return Resolution(self._fallback_mesh(session, explicit_mesh), to, False)
-        if _FULL_KEY.match(to):
+        if crypto.is_hex64(to, any_case=True):
             target = to.lower()
             if explicit_mesh:
                 peers = self.links.rosters([explicit_mesh], max_age)[explicit_mesh]

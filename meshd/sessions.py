@@ -20,9 +20,6 @@ log = logging.getLogger(__name__)
 class SessionInfo:
     """One registered session. `presence` holds the session secret key: never serialise it."""
 
-    FIELDS = ('token', 'session_id', 'mesh', 'display_name', 'pid', 'cwd', 'role', 'groups',
-              'start_time', 'registered_at')
-
     def __init__(self, token, session_id, mesh, display_name, pid, cwd=None, role=None,
                  groups=None, start_time=None, registered_at=None, presence=None):
         self.token = token
@@ -179,9 +176,7 @@ class SessionRegistry:
         with self.store.reading():
             rows = Session.every()
         for row in rows:
-            token_ok = (isinstance(row.token, str) and len(row.token) == 64
-                        and all(c in '0123456789abcdef' for c in row.token))
-            if not token_ok or not isinstance(row.pid, int):
+            if not crypto.is_hex64(row.token) or not isinstance(row.pid, int):
                 invalid.append(row.token)
                 continue
             try:

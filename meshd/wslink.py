@@ -62,7 +62,6 @@ class Link:
         self.detail = None
         self.retry_at = None
         self.in_flight = 0
-        self.broker_features = frozenset()  # meshd extensions the broker announced
         self.broker_dm_ttl = None           # seconds the broker keeps an undelivered DM
         self._ws = None
         self._closed = gevent.event.Event()
@@ -200,8 +199,6 @@ class Link:
     def _read_extensions(self, ack):
         """What meshd extensions the broker announced in hello_ack (none: claudemesh)."""
         ext = ack.get('meshdExt')
-        features = ext.get('features') if isinstance(ext, dict) else None
-        self.broker_features = frozenset(f for f in features or () if isinstance(f, str))
         ttl = ext.get('dmTtlSeconds') if isinstance(ext, dict) else None
         self.broker_dm_ttl = ttl if isinstance(ttl, int) and not isinstance(ttl, bool) else None
 

@@ -136,7 +136,3 @@ class RpcClient:
         if self._pending:
             return self._pending.pop(0)
         return self.read_message(timeout)
-
-    def shutdown_write(self):
-        """Half-close: tell the daemon no more requests follow (as socat does at EOF)."""
-        self._sock.shutdown(socket.SHUT_WR)

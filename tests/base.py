@@ -35,6 +35,16 @@ def short_tempdir():
     return tempfile.mkdtemp(prefix='meshd-', dir='/tmp')
 
 
+def free_port():
+    """A loopback port nobody listens on now, for a server that must keep its port across a
+    restart (port 0 gives another one each time)."""
+    probe = socket.socket()
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
 def wait_for(predicate, timeout=DEADLINE, interval=0.05, what='condition'):
     """Poll `predicate` until it returns a true value; fail the test at the deadline."""
     deadline = time.monotonic() + timeout

@@ -19,8 +19,9 @@ import zipfile
 import psutil
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
-from meshd import __version__, container, service
-from tests.base import DEADLINE, ENTRY, ROOT, TEST_TIMINGS, MeshdTestCase, short_tempdir, wait_for
+from meshd import __version__, container, control, service
+from tests.base import (DEADLINE, ENTRY, ROOT, TEST_TIMINGS, MeshdTestCase, free_port,
+                        short_tempdir, wait_for)
 
 BUILDER = os.path.join(ROOT, 'packaging', 'build_single_file.py')
 PACKAGED_USER_UNIT = os.path.join(ROOT, 'packaging', 'debian', 'meshd.user.service')
@@ -44,11 +45,6 @@ sys.argv = [archive] + sys.argv[3:]
 runpy.run_path(archive, run_name='__main__')
 '''
 
-# `meshd daemon install-service` until meshd/cli.py registers it: the same argh function.
-INSTALL_SERVICE_RUNNER = ('from gevent import monkey; monkey.patch_all()\n'
-                          'import argh\n'
-                          'from meshd.service import install_service\n'
-                          'argh.dispatch_command(install_service)\n')
 
 # Stand-in for systemctl: records its arguments; `enable --now` starts the unit's ExecStart the
 # way systemd would (a clean environment plus the unit's Environment= lines), `disable --now`
@@ -89,13 +85,6 @@ def build_single_file(output):
     with open(output, 'rb') as handle:
         return handle.read()
 
-
-def free_port():
-    probe = socket.socket()
-    probe.bind(('127.0.0.1', 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
 
 
 def source_names():
@@ -250,15 +239,7 @@ class SingleFileTest(unittest.TestCase):
 class InstallServiceTest(MeshdTestCase):
     """`meshd daemon install-service` with a temporary $HOME and a stand-in systemctl."""
 
-    @classmethod
-    def setUpClass(cls):
-        help_text = subprocess.run([sys.executable, ENTRY, 'daemon', '--help'],
-                                   capture_output=True, text=True, cwd=ROOT, timeout=DEADLINE,
-                                   env=clean_env(PYTHONPATH=ROOT)).stdout
-        if 'install-service' in help_text:
-            cls.command = [sys.executable, ENTRY, 'daemon', 'install-service']
-        else:
-            cls.command = [sys.executable, '-c', INSTALL_SERVICE_RUNNER]
+    command = [sys.executable, ENTRY, 'daemon', 'install-service']
 
     def setUp(self):
         super().setUp()
@@ -394,18 +375,18 @@ class UnitTextTest(unittest.TestCase):
     def test_entry_of_a_checkout_a_single_file_and_a_console_script(self):
         tmp = short_tempdir()
         self.addCleanup(shutil.rmtree, tmp, True)
-        self.assertEqual(service.entry_command('/usr/bin/python3'), ['/usr/bin/python3', ENTRY])
+        self.assertEqual(control.entry_command('/usr/bin/python3'), ['/usr/bin/python3', ENTRY])
         archive = os.path.join(tmp, 'meshd.py')
         with zipfile.ZipFile(archive, 'w') as handle:
             handle.writestr('meshd/__init__.py', '')
-        self.assertEqual(service.entry_command('/usr/bin/python3',
+        self.assertEqual(control.entry_command('/usr/bin/python3',
                                                os.path.join(archive, 'meshd', '__init__.py')),
                          ['/usr/bin/python3', archive])
         script = os.path.join(tmp, 'bin-meshd')
         with open(script, 'w') as handle:
             handle.write('#!/usr/bin/python3\n')
         site = os.path.join(tmp, 'site-packages', 'meshd', '__init__.py')
-        self.assertEqual(service.entry_command('/venv/bin/python', site, script),
+        self.assertEqual(control.entry_command('/venv/bin/python', site, script),
                          ['/venv/bin/python', script])
 
 

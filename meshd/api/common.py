@@ -49,6 +49,6 @@ def clamp(value, default, low, high):
 
 def token(value, message):
     """A 64-hex session token, lowercased; invalid_params with `message` otherwise."""
-    if not crypto.is_pubkey_hex(value, any_case=True):
+    if not crypto.is_hex64(value, any_case=True):
         raise invalid_params(message)
     return value.lower()

@@ -84,17 +84,17 @@ def _valid_presence(presence):
         return None
     pub, sec = presence.get('session_pubkey'), presence.get('session_secret_key')
     attestation = presence.get('parent_attestation')
-    if not (crypto.is_pubkey_hex(pub, any_case=True) and crypto.is_signature_hex(sec)
+    if not (crypto.is_hex64(pub, any_case=True) and crypto.is_hex128(sec, any_case=True)
             and isinstance(attestation, dict)):
         return None
     att_pub = attestation.get('session_pubkey')
     parent = attestation.get('parent_member_pubkey')
     expires = attestation.get('expires_at')
     signature = attestation.get('signature')
-    if not (crypto.is_pubkey_hex(att_pub, any_case=True)
-            and crypto.is_pubkey_hex(parent, any_case=True)
+    if not (crypto.is_hex64(att_pub, any_case=True)
+            and crypto.is_hex64(parent, any_case=True)
             and isinstance(expires, (int, float)) and not isinstance(expires, bool)
-            and crypto.is_signature_hex(signature)):
+            and crypto.is_hex128(signature, any_case=True)):
         return None
     try:
         if crypto.public_from_secret(sec.lower()) != pub.lower():

@@ -13,15 +13,10 @@ from meshd import clock, crypto
 from meshd.broker import invite as invite_mod
 from meshd.broker import protocol, store as broker_store
 from meshd.broker.models import Member, Mesh, dumps, loads
-from meshd.exceptions import MeshdError
+from meshd.exceptions import AdminError
 
-ANY_HEX64 = re.compile(r'^[0-9a-fA-F]{64}$')
 MAX_SLUG = 48
 DEFAULT_INVITE_TTL = 7 * 86400
-
-
-class AdminError(MeshdError):
-    """A broker-admin command cannot be carried out (printed as one line)."""
 
 
 def check_owner(url):
@@ -59,7 +54,7 @@ def parse_groups(value):
 
 
 def _pubkey(value):
-    if not isinstance(value, str) or not ANY_HEX64.match(value):
+    if not crypto.is_hex64(value, any_case=True):
         raise AdminError('pubkey must be 64 hex chars (32 bytes)')
     return value.lower()
 

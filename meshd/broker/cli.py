@@ -3,8 +3,9 @@
 Plain functions with keyword-only options, every option declared with `@argh.arg`, so they read
 the same under argh 0.26 and 0.31; they parse, call, print, and nothing else. The lead's
 `meshd/cli.py` registers `broker` as a command and ADMIN_COMMANDS as the `broker-admin` group.
-User errors are one line on stderr (`error: …`) and a non-zero exit status, never a traceback.
-This module does not patch gevent: the entry point has done it.
+User errors raise CommandFailed with one line (`error: …`) that meshd/cli's main prints before
+exiting non-zero, never a traceback. This module does not patch gevent: the entry point has done
+it.
 """
 import json
 import os
@@ -14,15 +15,14 @@ import argh
 
 from meshd.broker import admin as admin_ops
 from meshd.broker import store as broker_store
-from meshd.exceptions import MeshdError, StorageError
+from meshd.exceptions import CommandFailed, MeshdError, StorageError
 
 ENV_DB = 'MESHD_BROKER_DB'
 ENV_BROKER_URL = 'MESHD_BROKER_URL'
 
 
-def _fail(message, status=1):
-    sys.stderr.write('error: %s\n' % message)
-    sys.exit(status)
+def _failed(message, status=1):
+    return CommandFailed('error: %s' % message, status)
 
 
 def _env_int(name, default):
@@ -32,7 +32,7 @@ def _env_int(name, default):
     try:
         return int(value)
     except ValueError:
-        _fail('%s must be an integer, not %r' % (name, value), 2)
+        raise _failed('%s must be an integer, not %r' % (name, value), 2)
 
 
 def _default_listen():
@@ -75,12 +75,15 @@ def broker(*, listen=None, db=None, rate_limit='60:600', dm_ttl='7d', max_messag
             per_address_limit=int(per_address_limit) if per_address_limit else 16,
             trusted_proxies=trusted_proxy, timings=timings)
         server.run()
+    except CommandFailed:
+        raise
     except (MeshdError, StorageError, ValueError) as exc:
-        _fail(str(exc), 2)
+        raise _failed(str(exc), 2)
     except RuntimeError as exc:     # not monkey-patched: an entry-point bug, still one line
-        _fail(str(exc), 1)
+        raise _failed(str(exc), 1)
     except OSError as exc:
-        _fail('cannot listen on %s: %s' % (listen or _default_listen(), exc.strerror or exc), 1)
+        raise _failed('cannot listen on %s: %s'
+                      % (listen or _default_listen(), exc.strerror or exc), 1)
 
 
 def _admin(db, operation, *args, **kwargs):
@@ -95,7 +98,7 @@ def _admin(db, operation, *args, **kwargs):
         finally:
             store.close()
     except (MeshdError, StorageError) as exc:
-        _fail(str(exc))
+        raise _failed(str(exc))
 
 
 def _print(result):
@@ -125,7 +128,7 @@ def add_member(*, mesh=None, pubkey=None, name=None, role='member', role_tag=Non
                broker_url=None, db=None):
     """Register an existing Ed25519 pubkey as a member of a mesh."""
     if not mesh or not pubkey:
-        _fail('--mesh and --pubkey are required')
+        raise _failed('--mesh and --pubkey are required')
     _print(_admin(db, admin_ops.add_member, mesh, pubkey, name, role=role, role_tag=role_tag,
                   groups=groups, broker_url=broker_url))
 
@@ -146,12 +149,13 @@ def invite(*, mesh=None, broker_url=None, role='member', expires='7d', max_uses=
            role_tag=None, groups=None, code=False, json=False, db=None):
     """Mint a v1 ic://join/ invite link."""
     if not mesh:
-        _fail('--mesh is required')
+        raise _failed('--mesh is required')
     try:
         seconds = admin_ops.parse_expiry(expires)
         uses = int(max_uses)
     except (MeshdError, ValueError) as exc:
-        _fail(str(exc) if isinstance(exc, MeshdError) else '--max-uses must be an integer')
+        raise _failed(str(exc) if isinstance(exc, MeshdError)
+                      else '--max-uses must be an integer')
     result = _admin(db, admin_ops.invite, mesh, broker_url or os.environ.get(ENV_BROKER_URL),
                     role=role, expires=seconds, max_uses=uses, name=name, role_tag=role_tag,
                     groups=groups, code=code)
@@ -175,7 +179,7 @@ def list_meshes(*, mesh=None, db=None):
 def revoke_member(*, mesh=None, member=None, db=None):
     """Revoke a member (a running broker closes its sockets with 4002 within one sweep)."""
     if not mesh or not member:
-        _fail('--mesh and --member are required')
+        raise _failed('--mesh and --member are required')
     _print(_admin(db, admin_ops.revoke_member, mesh, member))
 
 
@@ -187,7 +191,7 @@ def revoke_member(*, mesh=None, member=None, db=None):
 def grant(*, mesh=None, member=None, sender=None, caps=None, db=None):
     """Edit a member's per-sender grants."""
     if not mesh or not member or not sender or not caps:
-        _fail('--mesh, --member, --sender and --caps are required')
+        raise _failed('--mesh, --member, --sender and --caps are required')
     _print(_admin(db, admin_ops.grant, mesh, member, sender, caps))
 
 

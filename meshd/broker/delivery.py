@@ -10,9 +10,8 @@ No socket is written inside a transaction.
 import collections
 import datetime
 import logging
-import re
 
-from meshd import clock
+from meshd import clock, crypto
 from meshd.broker import protocol
 from meshd.broker.message_queue import MessageQueue
 from meshd.broker.models import Member, Presence
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 100
 UNDELIVERED_EXPIRED = 'expired'
 UNDELIVERED_REMOVED = 'recipient_removed'
-LOWER_HEX64 = re.compile(r'^[0-9a-f]{64}$')
 MULTICAST_ALL = ('*', '@all')
 
 
@@ -164,7 +162,7 @@ class Delivery(object):
 
     def _preflight(self, entry, target):
         """Step 3 with store-and-forward (§4.1, §7.9); return (candidate member ids, error)."""
-        if not LOWER_HEX64.match(target):
+        if not crypto.is_hex64(target):
             return [], protocol.ERR_NO_PEER
         candidates = [e for e in self.presences.in_mesh(entry.mesh_id)
                       if e is not entry and target in e.keys()]

@@ -7,14 +7,12 @@ frame and close code of §3.4, or what the hello binds: its mesh, its member and
 it takes over, if any.
 """
 import collections
-import re
 
 from meshd import clock, crypto
 from meshd.broker import protocol
 from meshd.broker.models import Member, Mesh
 from meshd.broker.presence import OFFLINE
 
-LOWER_HEX64 = re.compile(r'^[0-9a-f]{64}$')
 MAX_PID = 2 ** 31 - 1
 MAX_SESSION_ID = 256
 MAX_ID = 64
@@ -41,14 +39,14 @@ def check_session_pubkey(frame, required):
     value = frame.get('sessionPubkey')
     if not required and (value is None or value == ''):
         return None
-    if not isinstance(value, str) or not LOWER_HEX64.match(value):
+    if not crypto.is_hex64(value):
         return reject('bad_session_pubkey', 'sessionPubkey must be 64 lowercase hex chars')
     return None
 
 
 def check_parent_pubkey(frame):
     value = frame.get('parentMemberPubkey')
-    if not isinstance(value, str) or not LOWER_HEX64.match(value):
+    if not crypto.is_hex64(value):
         return reject('bad_parent_pubkey', 'parentMemberPubkey must be 64 lowercase hex chars')
     return None
 
@@ -147,8 +145,8 @@ def check_attestation(att, now_ms, max_ttl_ms):
     if expires_at > now_ms + max_ttl_ms:
         return reject('ttl_too_long', 'attestation rejected: ttl_too_long')
     parent, session, sig = att.get('parentMemberPubkey'), att.get('sessionPubkey'), att.get('signature')
-    if (not crypto.is_pubkey_hex(parent, any_case=True) or not crypto.is_pubkey_hex(session, any_case=True)
-            or not crypto.is_signature_hex(sig)):
+    if (not crypto.is_hex64(parent, any_case=True) or not crypto.is_hex64(session, any_case=True)
+            or not crypto.is_hex128(sig, any_case=True)):
         return reject('malformed', 'attestation rejected: malformed')
     text = crypto.attestation_text(parent, session, expires_at)
     if crypto.js_integer(expires_at) is None or not crypto.verify_hex(parent, text, sig):
@@ -168,7 +166,7 @@ def check_hello_signature(frame, kind, now_ms, skew_ms):
     else:
         signer = frame.get('pubkey')
         text_args = (frame['meshId'], frame.get('memberId'), signer, ts)
-    if (not crypto.is_pubkey_hex(signer, any_case=True) or not crypto.is_signature_hex(sig)
+    if (not crypto.is_hex64(signer, any_case=True) or not crypto.is_hex128(sig, any_case=True)
             or not isinstance(text_args[1], str)):
         return reject('malformed', _prefix(kind) + 'malformed')
     if kind == 'session_hello':

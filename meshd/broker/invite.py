@@ -5,7 +5,6 @@ one transaction, so a failed member insert never consumes an invite use.
 """
 import datetime
 import logging
-import re
 
 from meshd import clock, crypto
 from meshd.broker import protocol
@@ -15,7 +14,6 @@ log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS_ERROR = 'invite_token, invite_payload, peer_pubkey, display_name required'
 BAD_PUBKEY_ERROR = 'peer_pubkey must be 64 hex chars (32 bytes)'
-ANY_HEX64 = re.compile(r'^[0-9a-fA-F]{64}$')
 
 
 def mint(store, mesh, broker_url, expires_at_s, role='member', max_uses=1, preset=None,
@@ -58,7 +56,7 @@ def join(store, body, now=None):
     pubkey, name = body.get('peer_pubkey'), body.get('display_name')
     if not token or not payload or not pubkey or not name or not isinstance(payload, dict):
         return _error(REQUIRED_FIELDS_ERROR)
-    if not isinstance(pubkey, str) or not ANY_HEX64.match(pubkey):
+    if not crypto.is_hex64(pubkey, any_case=True):
         return _error(BAD_PUBKEY_ERROR)
     pubkey = pubkey.lower()
     now = now or clock.utcnow()

@@ -206,7 +206,6 @@ class Lifecycle(object):
         if not self.presences.contains(entry) or entry.ws is not ws:
             return      # a newer socket took over, or the entry was removed already
         entry.detach()
-        entry.offline_since = clock.utcnow()
         try:
             if entry.role == ROLE_MEMBER:
                 self._save_peer_state(entry)
@@ -221,7 +220,6 @@ class Lifecycle(object):
     def start_grace(self, entry):
         token = object()
         entry.grace_token = token
-        entry.offline_since = clock.utcnow()
         if not self.stopping.is_set():
             entry.grace_timer = self.supervisor.spawn_later(self.timings['broker_grace'],
                                                             'grace', self.evict, entry, token)

@@ -56,7 +56,6 @@ class Entry(object):
         self.mesh_id = mesh_id
         self.member_id = member.id
         self.member_pubkey = member.peer_pubkey
-        self.member_display_name = member.display_name
         self.role = role
         self.session_id = session_id
         self.session_pubkey = session_pubkey or None
@@ -78,7 +77,6 @@ class Entry(object):
         self.ws = None
         self.generation = 0
         self.lease = OFFLINE
-        self.offline_since = None
         self.grace_timer = None
         self.grace_token = None
         self.evicting = False
@@ -108,7 +106,6 @@ class Entry(object):
         self.notices_sent = set()
         self.lease = ONLINE
         self.ready = False      # until hello_ack is written on this socket
-        self.offline_since = None
         self.generation = next(_generations)
         return self.generation
 

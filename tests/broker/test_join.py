@@ -8,7 +8,7 @@ import time
 import unittest
 from unittest import mock
 
-from meshd import clock
+from meshd import cli as meshd_cli, clock
 from meshd import crypto, invite as client
 from meshd.broker import admin, cli, store as broker_store
 from meshd.broker.models import Invite, Member as MemberRow
@@ -170,10 +170,15 @@ class AdminCliTest(unittest.TestCase):
         self.db = os.path.join(self.tmp, 'b', 'broker.db')
 
     def run_cmd(self, fn, **kwargs):
+        """`meshd broker-admin <fn's command> --db DB --key value…` through the CLI's main."""
+        command = 'list' if fn is cli.list_meshes else fn.__name__.replace('_', '-')
+        argv = ['broker-admin', command, '--db', self.db]
+        for key, value in kwargs.items():
+            argv += ['--%s' % key.replace('_', '-'), value]
         out, err = io.StringIO(), io.StringIO()
         with mock.patch.object(sys, 'stdout', out), mock.patch.object(sys, 'stderr', err):
             try:
-                fn(db=self.db, **kwargs)
+                meshd_cli.main(argv)
                 status = 0
             except SystemExit as exc:
                 status = exc.code

@@ -30,7 +30,7 @@ from rpc.protocol import encode, request
 
 from meshd.broker import store as broker_store
 from tests.base import (DEADLINE, ENTRY, ROOT, TIME_FACTOR, MeshdTestCase, create_mesh, enrol,
-                        meshd_env, short_tempdir, wait_for)
+                        free_port, meshd_env, short_tempdir, wait_for)
 from tests.fault.proxy import TcpProxy
 from tests.links_base import DAEMON_TIMINGS
 
@@ -63,14 +63,6 @@ CMID = 'fault-%05d'
 BODY = 'fault dm %05d'
 _CMID_INDEX = re.compile(r'^fault-(\d{5})$')
 
-
-def free_port():
-    """A port nobody listens on now, so that the broker can be restarted on it."""
-    probe = socket.socket()
-    probe.bind(('127.0.0.1', 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
 
 
 def query(path, sql, params=()):

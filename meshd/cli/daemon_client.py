@@ -1,0 +1,70 @@
+"""The CLI's connection to the daemon: start it when needed, attach the caller's session,
+call one method. Failures raise CommandFailed with the line the user reads."""
+import os
+import sys
+
+from rpc.client import RpcCallError, RpcClient, RpcConnectionError
+
+from meshd import config as config_mod, control, crypto, files
+from meshd.exceptions import CommandFailed, ConfigError
+
+
+def unreachable(exc, paths):
+    return CommandFailed('✘ daemon not reachable — %s (check %s)' % (exc, paths.log))
+
+
+def connect(paths, timeout=5.0, spawn=True):
+    """A connected RpcClient, the daemon started first when needed (spec/daemon.md §10.2)."""
+    state, detail = control.ensure_running(paths, allow_spawn=spawn)
+    if state == 'started':
+        print('[meshd] info daemon started automatically (%s)' % detail, file=sys.stderr)
+    elif state == 'busy':
+        raise CommandFailed('✘ daemon busy — %s' % detail)
+    elif state != 'up':
+        raise CommandFailed('✘ daemon not reachable — %s: %s (check %s)'
+                            % (state, detail, paths.log))
+    try:
+        return RpcClient(socket_path=paths.socket, timeout=timeout).connect()
+    except RpcConnectionError as exc:
+        raise unreachable(exc, paths)
+
+
+def session_token():
+    """The session token in the file MESHD_SESSION_TOKEN_FILE names, if it is 64 hex."""
+    path = os.environ.get('MESHD_SESSION_TOKEN_FILE')
+    if not path:
+        return None
+    token = (files.read_text(path) or '').strip().lower()
+    return token if crypto.is_hex64(token) else None
+
+
+def attach(client):
+    """Act as the caller's session when it has one (spec/daemon.md §10.1)."""
+    token = session_token()
+    if token is None:
+        return
+    try:
+        client.call('session.attach', {'token': token})
+    except RpcCallError:
+        pass  # no_session: the command goes on session-less, as spec/daemon.md §10.1 says
+
+
+def call(paths, method, params=None, timeout=5.0):
+    """Call one method as the caller's session; its result."""
+    client = connect(paths, timeout)
+    try:
+        attach(client)
+        return client.call(method, params)
+    except RpcCallError as exc:
+        raise CommandFailed('%s failed: %s' % (method, exc.error.get('message')))
+    except RpcConnectionError as exc:
+        raise unreachable(exc, paths)
+    finally:
+        client.close()
+
+
+def load_config(paths):
+    try:
+        return config_mod.load_config(paths.config)
+    except ConfigError as exc:
+        raise ConfigError('config unreadable: %s' % exc)
