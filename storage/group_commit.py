@@ -3,8 +3,8 @@
 Under `synchronous=FULL` every commit is an fsync, and a peewee transaction costs far more
 Python than the statements inside it, so writes submitted while a commit is running wait
 and are committed together by the next one, each in its own savepoint so that a failing
-write is rolled back alone. The daemon (storage/db.py) and the broker (meshd/broker/store.py)
-each run one writer over their own database and write lock.
+write is rolled back alone. Every Store (storage/store.py) runs one writer over its own
+database and write lock: the daemon's and the broker's.
 """
 import logging
 

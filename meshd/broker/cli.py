@@ -1,8 +1,9 @@
 """argh commands of `meshd broker` and `meshd broker-admin` (DESIGN.md 21, spec/wire.md §11.6–§11.7).
 
 Plain functions with keyword-only options, every option declared with `@argh.arg`, so they read
-the same under argh 0.26 and 0.31; they parse, call, print, and nothing else. The lead's
-`meshd/cli.py` registers `broker` as a command and ADMIN_COMMANDS as the `broker-admin` group.
+the same under argh 0.26 and 0.31; they parse, call, print, and nothing else.
+`meshd/cli/__init__.py` registers `broker` as a command and ADMIN_COMMANDS as the `broker-admin`
+group.
 User errors raise CommandFailed with one line (`error: …`) that meshd/cli's main prints before
 exiting non-zero, never a traceback. This module does not patch gevent: the entry point has done
 it.
