@@ -7,12 +7,11 @@ import uuid
 from rpc.client import RpcClient
 from rpc.protocol import encode, request
 
-from tests.base import DEADLINE, MeshdTestCase, make_mesh
+from tests.base import DEADLINE, MeshdTestCase, make_mesh, presence_for
 
 # The meshes' brokers do not exist: after the first failed attempt, links wait quietly
 # instead of publishing a broker_status event at every retry.
 QUIET_LINKS = {'link_backoff_scale': 1000}
-from tests.test_sessions import presence_for
 
 
 class EventsTest(MeshdTestCase):
