@@ -41,6 +41,12 @@ def _flag(value):
     raise ValueError('expected true or false, not %r' % (value,))
 
 
+def _seconds(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError('expected a number of seconds, not %r' % (value,))
+    return value
+
+
 def _tcp_mode(value):
     if value in ('auto', 'on', 'off'):
         return value
@@ -54,6 +60,8 @@ DAEMON_OPTIONS = (
     ('clone_policy', 'refuse', _choice(CLONE_POLICIES), 'what a host fingerprint mismatch does'),
     ('durability', 'full', _choice(DURABILITIES), 'SQLite synchronous mode: full or normal'),
     ('public_health', False, _flag, 'answer daemon.health on TCP before auth'),
+    ('not_surfaced_after', 600, _seconds, 'seconds a message may wait unseen by its agent '
+     'before a not_surfaced warning (0: never warn)'),
 )
 
 

@@ -27,6 +27,8 @@ from storage.store import Store
 
 from meshd import (__version__, api, clock, config as config_mod, container, files,
                    fingerprint, systemd, timings)
+from meshd.agent_status import HookStatusReporter
+from meshd.api.agent import AgentMethods
 from meshd.api.daemon_methods import DaemonMethods
 from meshd.api.events import EventMethods
 from meshd.api.mailbox import MailboxMethods
@@ -44,6 +46,7 @@ from meshd.pruner import Pruner
 from meshd.reaper import Reaper
 from meshd.send import Sender
 from meshd.sessions import SessionRegistry
+from meshd.surfacing import Surfacing
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ DEFAULT_TIMINGS = {
     'clock_jump_threshold': 10.0,
     'ipc_auth_timeout': 5.0,      # a TCP connection must `auth` within this
     'ipc_idle_timeout': 300.0,    # an unsubscribed connection idle this long is closed
+    'channel_grace': 60.0,        # a channel emit waits this long for its confirmation
+    'surface_check_interval': 30.0,
 }
 
 
@@ -89,6 +94,8 @@ class Daemon:
         self.inbound = Inbound(self.store, self.bus, self.links.is_own_pubkey)
         self.drain = Drain(self.store, self.links, self.timings, self.supervisor)
         self.sender = Sender(self.store, self.links, self.timings, self.drain.wake)
+        self.surfacing = Surfacing(self.store, self.sessions, self.bus.publish,
+                                   self.links.member_pubkey, options.not_surfaced_after)
         self.methods = MethodTable()
         api.register(self.methods, [
             DaemonMethods(lambda: (self.epoch, self.schema_version), self.health,
@@ -96,7 +103,11 @@ class Daemon:
             SessionMethods(self.sessions),
             MessageMethods(self.sender, self.links),
             MailboxMethods(self.store, self.links.member_pubkey, self.drain.wake),
-            EventMethods(self.bus, self.timings['events_keepalive'], self.links.member_pubkey),
+            EventMethods(self.bus, self.timings['events_keepalive'], self.links.member_pubkey,
+                         self.surfacing),
+            AgentMethods(self.store, self.sessions, self.surfacing,
+                         HookStatusReporter(self.supervisor, self._broker_url),
+                         self.links.member_pubkey, lambda: self.timings['channel_grace']),
         ])
         self.server = None
         self.schema_version = None
@@ -110,6 +121,10 @@ class Daemon:
     def _member_link(self, mesh):
         return MemberLink(mesh, self.timings, self.supervisor, self.inbound, self.bus.publish,
                           self.store, on_open=self.drain.wake)
+
+    def _broker_url(self, slug):
+        mesh = self.links.meshes.get(slug)
+        return mesh.get('brokerUrl') if mesh else None
 
     def _session_link(self, mesh, info):
         return SessionLink(mesh, info, self.timings, self.supervisor, self.inbound,
@@ -160,6 +175,9 @@ class Daemon:
         self.supervisor.spawn('clock', self.links.watch_clock)
         self.sessions.on_register.append(self._on_session_registered)
         self.sessions.on_deregister.append(self._on_session_deregistered)
+        self.sessions.on_deregister.append(self.surfacing.forget)
+        self.supervisor.every('surfacing', lambda: self.timings['surface_check_interval'],
+                              self.surfacing.check, wait_first=True)
         reaper = Reaper(self.sessions)
         self.supervisor.every('reaper', lambda: self.timings['reaper_interval'], reaper.step,
                               wait_first=True)
@@ -257,6 +275,9 @@ class Daemon:
 
     def health(self):
         brokers, sessions = self.links.health()
+        for info in self.sessions.all():
+            if info.token_prefix in sessions:
+                sessions[info.token_prefix]['mcp'] = self.surfacing.health(info.token)
         return {'ok': True, 'pid': os.getpid(), 'epoch': self.epoch,
                 'tcp': self.server.tcp_address if self.server else None,
                 'brokers': brokers, 'sessions': sessions}

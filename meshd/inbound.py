@@ -63,7 +63,8 @@ class Inbound:
                    meta=json.dumps({'created_at': created_at}) if created_at else None,
                    received_at=clock.now_ms(), reply_to_id=_text(frame.get('replyToId')),
                    recipient_pubkey=recipient_pubkey, recipient_kind=recipient_kind,
-                   decrypt_failed=1 if failed else 0, e2e=1 if sealed else 0)
+                   decrypt_failed=1 if failed else 0, e2e=1 if sealed else 0,
+                   priority=_priority(frame))
 
         def store():
             if Inbox.insert_if_new(row):
@@ -123,12 +124,18 @@ def _open(mesh, link, sender, nonce, ciphertext, session_secret):
         return (None, link.kind, link.pubkey, True, False)
 
 
+def _priority(frame):
+    """The push's priority; anything but now or low reads as next (spec/wire.md §7.5)."""
+    priority = frame.get('priority')
+    return priority if priority in ('now', 'next', 'low') else 'next'
+
+
 def _event_data(row, frame):
     data = {'id': row['id'], 'mesh': row['mesh'], 'client_message_id': row['client_message_id'],
             'broker_message_id': row['broker_message_id'], 'sender_pubkey': row['sender_pubkey'],
             'sender_member_pubkey': _text(frame.get('senderMemberPubkey')),
             'sender_name': row['sender_name'], 'topic': row['topic'],
-            'reply_to_id': row['reply_to_id'], 'priority': _text(frame.get('priority')) or 'next',
+            'reply_to_id': row['reply_to_id'], 'priority': row['priority'],
             'body': row['body'], 'created_at': _text(frame.get('createdAt')),
             'recipient_pubkey': row['recipient_pubkey'],
             'recipient_kind': row['recipient_kind'],

@@ -3,8 +3,9 @@ import os
 
 import psutil
 
-START_TIME_TOLERANCE = 1.0
-MAX_PID = 2 ** 31 - 1     # pid_t is a signed 32-bit integer  # create_time moves slightly when the clock is adjusted
+START_TIME_TOLERANCE = 1.0   # create_time moves slightly when the clock is adjusted
+MAX_PID = 2 ** 31 - 1        # pid_t is a signed 32-bit integer
+MAX_ANCESTORS = 64
 
 
 def is_alive(pid):
@@ -32,3 +33,21 @@ def same_start(recorded, live):
         return abs(float(recorded) - float(live)) <= START_TIME_TOLERANCE
     except (TypeError, ValueError):
         return recorded == live
+
+
+def parent_pid(pid):
+    """The parent's pid, None when the process is gone or cannot be read."""
+    try:
+        return psutil.Process(pid).ppid()
+    except (psutil.Error, ValueError, OverflowError, TypeError):
+        return None
+
+
+def ancestors(pid):
+    """The pids above `pid`, nearest first, up to (not including) pid 1 and 0."""
+    chain = []
+    current = parent_pid(pid)
+    while current and current > 1 and current not in chain and len(chain) < MAX_ANCESTORS:
+        chain.append(current)
+        current = parent_pid(current)
+    return chain

@@ -44,10 +44,11 @@ class Pending:
 class Connection:
     """One client connection: its transport, auth state, attached session and writer."""
 
-    def __init__(self, sock, transport, server, peer_uid=None):
+    def __init__(self, sock, transport, server, peer_uid=None, peer_pid=None):
         self.sock = sock
         self.transport = transport
         self.peer_uid = peer_uid
+        self.peer_pid = peer_pid    # Unix socket only: the process that connected
         self.authenticated = transport == 'uds'
         self.session_token = None
         self.stream = None

@@ -123,12 +123,12 @@ class RpcServer:
     # -- connections -------------------------------------------------------------------
 
     def _handle_uds(self, sock, _address):
-        uid = peer_uid(sock)
+        pid, uid = peer_credentials(sock)
         if uid != self._uid:
             log.warning('ipc_peer_uid_rejected', extra={'fields': {'uid': uid}})
             sock.close()
             return
-        self._serve(Connection(sock, 'uds', self, peer_uid=uid))
+        self._serve(Connection(sock, 'uds', self, peer_uid=uid, peer_pid=pid))
 
     def _handle_tcp(self, sock, _address):
         self._serve(Connection(sock, 'tcp', self))
@@ -411,11 +411,11 @@ def _invalid_request(message):
     return RpcError.of(INVALID_REQUEST, 'invalid_request', message)
 
 
-def peer_uid(sock):
-    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+def peer_credentials(sock):
+    """(pid, uid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i'))
-    _pid, uid, _gid = struct.unpack('3i', creds)
-    return uid
+    pid, uid, _gid = struct.unpack('3i', creds)
+    return pid, uid
 
 
 def is_socket_live(path, timeout=2.0):

@@ -116,5 +116,14 @@ MIGRATIONS = [
     # outbox gains the terminal status `undelivered` (the broker reported the DM lost).
     # SQLite cannot alter a CHECK or a NOT NULL, so both tables are rebuilt.
     Migration(3, _OUTBOX_V3 + _INBOX_V3, doc='inbox deduplicated per sender; undelivered'),
+    # The last hop (spec/agents.md §1): a row records when a bridge emitted it and when and
+    # how it reached the agent; hooks look for rows not surfaced, the oldest first.
+    Migration(4, ['ALTER TABLE "inbox" ADD COLUMN "priority" TEXT',
+                  'ALTER TABLE "inbox" ADD COLUMN "emitted_at" INTEGER',
+                  'ALTER TABLE "inbox" ADD COLUMN "surfaced_at" INTEGER',
+                  'ALTER TABLE "inbox" ADD COLUMN "surfaced_via" TEXT',
+                  'ALTER TABLE "inbox" ADD COLUMN "surface_warned_at" INTEGER',
+                  'CREATE INDEX "inbox_unsurfaced" ON "inbox" ("surfaced_at", "received_at")'],
+              doc='inbox: priority, emitted, surfaced'),
 ]
 HEAD = head(MIGRATIONS)

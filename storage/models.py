@@ -7,7 +7,7 @@ writes through the store (`store.write(Outbox.claim, ids, now, lease_ms)`) and r
 SQL (building a peewee query cost more than running it). Models hold no network or crypto
 code, and no clock: times are Unix epoch milliseconds passed in by the caller.
 """
-from peewee import SQL, BlobField, DatabaseProxy, IntegerField, Model, TextField
+from peewee import SQL, BlobField, Case, DatabaseProxy, IntegerField, Model, TextField
 from playhouse.sqlite_ext import AutoIncrementField
 
 OUTBOX_STATUSES = ('pending', 'inflight', 'done', 'dead', 'aborted', 'undelivered')
@@ -207,6 +207,14 @@ class Inbox(BaseModel):
     recipient_kind = TextField(null=True)
     decrypt_failed = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
     e2e = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    # The last hop (spec/agents.md §1): the push's priority, when an MCP bridge wrote a
+    # channel notification for the row, when and how its text provably reached the agent,
+    # and when the not_surfaced warning covered it.
+    priority = TextField(null=True)
+    emitted_at = IntegerField(null=True)
+    surfaced_at = IntegerField(null=True)
+    surfaced_via = TextField(null=True)
+    surface_warned_at = IntegerField(null=True)
 
     class Meta:
         table_name = 'inbox'
@@ -262,6 +270,65 @@ class Inbox(BaseModel):
         return (cls.update(seen_at=now)
                 .where(cls.id.in_(ids) & cls.seen_at.is_null())
                 .execute())
+
+    @classmethod
+    def mark_emitted(cls, ids, now):
+        """Stamp `emitted_at` on rows among `ids` that have none; return how many."""
+        if not ids:
+            return 0
+        return (cls.update(emitted_at=now)
+                .where(cls.id.in_(ids) & cls.emitted_at.is_null())
+                .execute())
+
+    @classmethod
+    def mark_surfaced(cls, ids, now, via):
+        """Stamp rows among `ids` surfaced `via` a path; the first surfacing stays."""
+        if not ids:
+            return 0
+        return (cls.update(surfaced_at=now, surfaced_via=via)
+                .where(cls.id.in_(ids) & cls.surfaced_at.is_null())
+                .execute())
+
+    @classmethod
+    def unemitted(cls, scope, mesh, since, limit):
+        """Rows of `mesh` in `scope` received since `since` that no bridge emitted and no
+        path surfaced, in the order they arrived (what a bridge missed while the daemon was
+        away); rows of one millisecond keep their insertion order (rowid)."""
+        return list(cls.select().where(
+            cls.in_scope(scope) & (cls.mesh == mesh) & (cls.received_at >= since)
+            & cls.emitted_at.is_null() & cls.surfaced_at.is_null())
+            .order_by(cls.received_at, SQL('rowid')).limit(limit))
+
+    @classmethod
+    def due_to_agent(cls, scope, mesh, now, grace, after=None, limit=100):
+        """(rows, how many in all) not yet surfaced to the agent, oldest first.
+
+        A row a bridge emitted less than `grace` ms ago waits for its channel confirmation.
+        A row is due from its arrival, or from the end of its grace when it was emitted;
+        `after` keeps only rows that became due after that moment.
+        """
+        due_since = Case(None, [(cls.emitted_at.is_null(), cls.received_at)],
+                         cls.emitted_at + grace)
+        condition = (cls.in_scope(scope) & (cls.mesh == mesh) & cls.surfaced_at.is_null()
+                     & (due_since <= now))
+        if after is not None:
+            condition &= due_since > after
+        query = cls.select().where(condition)
+        return (list(query.order_by(cls.received_at, SQL('rowid')).limit(limit)),
+                query.count())
+
+    @classmethod
+    def overdue(cls, cutoff, limit):
+        """Rows received before `cutoff`, never surfaced and never warned about, oldest first."""
+        return list(cls.select().where(
+            cls.surfaced_at.is_null() & cls.surface_warned_at.is_null()
+            & (cls.received_at < cutoff)).order_by(cls.received_at).limit(limit))
+
+    @classmethod
+    def mark_warned(cls, ids, now):
+        if not ids:
+            return 0
+        return cls.update(surface_warned_at=now).where(cls.id.in_(ids)).execute()
 
     @classmethod
     def flush(cls, scope, mesh=None, before=None):
@@ -419,6 +486,7 @@ Inbox.add_index(Inbox.index(Inbox.seen_at, name='inbox_seen_at'))
 Inbox.add_index(Inbox.index(Inbox.recipient_pubkey, name='inbox_recipient'))
 Inbox.add_index(Inbox.index(Inbox.mesh, Inbox.sender_pubkey, Inbox.client_message_id,
                             Inbox.recipient_pubkey, unique=True, name='inbox_dedupe'))
+Inbox.add_index(Inbox.index(Inbox.surfaced_at, Inbox.received_at, name='inbox_unsurfaced'))
 Session.add_index(Session.index(Session.session_id, name='sessions_session_id'))
 Event.add_index(Event.index(Event.recipient_pubkey, name='events_recipient'))
 

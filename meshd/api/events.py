@@ -8,26 +8,32 @@ STREAM_BACKLOG = 256  # events queued for a subscriber that stopped reading befo
 
 class EventMethods:
     """Streams of `bus` (meshd/bus.py), scoped to the attached session; keepalives every
-    `keepalive` seconds; `member_pubkey(slug)` is the member key of a joined mesh."""
+    `keepalive` seconds; `member_pubkey(slug)` is the member key of a joined mesh;
+    `surfacing` counts the streams of MCP bridges (daemon.health's `mcp.attached`)."""
 
-    def __init__(self, bus, keepalive, member_pubkey):
+    def __init__(self, bus, keepalive, member_pubkey, surfacing=None):
         self.bus = bus
         self.keepalive = keepalive
         self.member_pubkey = member_pubkey
+        self.surfacing = surfacing
 
     def handlers(self):
         return [('events.subscribe', self.events_subscribe,
                  {'session': 'optional', 'stream': True,
                   'result': '{epoch, seq, replayed, resync}'})]
 
-    def events_subscribe(self, ctx, since_seq: int = None, epoch: str = None):
-        """Stream events as notifications; resume after `since_seq` within the same epoch."""
+    def events_subscribe(self, ctx, since_seq: int = None, epoch: str = None,
+                         client: str = None):
+        """Stream events as notifications; resume after `since_seq` within the same epoch.
+        `client: "mcp"` marks an MCP bridge's stream (daemon.health shows it attached)."""
         bus = self.bus
         if ctx.conn.stream is not None:
             raise RpcError.of(INVALID_REQUEST, 'invalid_request', 'already subscribed')
         if since_seq is not None and epoch is None:
             raise invalid_params('since_seq requires epoch')
         session = ctx.session
+        bridge_token = (session.token if client == 'mcp' and session is not None
+                        and self.surfacing is not None else None)
         accept = event_filter(session, self.member_pubkey(session.mesh) if session else None)
         queue = gevent.queue.Queue(maxsize=STREAM_BACKLOG)
         overflowed = []
@@ -43,7 +49,18 @@ class EventMethods:
                 overflowed.append(True)
                 unsubscribe()
         # Subscribe before reading the log, so nothing published meanwhile falls in a gap.
-        unsubscribe = bus.subscribe(on_event)
+        unsubscribe_bus = bus.subscribe(on_event)
+        if bridge_token is not None:
+            self.surfacing.stream_opened(bridge_token)
+        ended = []
+
+        def unsubscribe():
+            if ended:
+                return
+            ended.append(True)
+            unsubscribe_bus()
+            if bridge_token is not None:
+                self.surfacing.stream_closed(bridge_token)
         oldest, newest = bus.bounds()
         replay, resync = [], False
         if since_seq is not None:

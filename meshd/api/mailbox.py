@@ -53,7 +53,7 @@ class MailboxMethods:
             rows = Inbox.listing(self._scope(ctx), since=since_ms, topic=topic, sender=sender,
                                  mesh=mesh_from_ctx(ctx, mesh), unread_only=unread_only,
                                  limit=clamp(limit, 100, 1, 1000))
-        items = [_inbox_item(row) for row in rows]
+        items = [inbox_item(row) for row in rows]
         marked = 0
         if mark_seen:
             unseen = [row.id for row in rows if row.seen_at is None]
@@ -111,14 +111,16 @@ class MailboxMethods:
         return {'aborted_row_id': id, 'new_row_id': new_id, 'new_client_message_id': new_cmid}
 
 
-def _inbox_item(row):
+def inbox_item(row):
     return {'id': row.id, 'client_message_id': row.client_message_id,
             'broker_message_id': row.broker_message_id, 'mesh': row.mesh, 'topic': row.topic,
             'sender_pubkey': row.sender_pubkey, 'sender_name': row.sender_name,
             'body': row.body, 'received_at': iso(row.received_at),
             'reply_to_id': row.reply_to_id, 'seen_at': iso(row.seen_at),
             'recipient_pubkey': row.recipient_pubkey, 'recipient_kind': row.recipient_kind,
-            'decrypt_failed': bool(row.decrypt_failed), 'e2e': bool(row.e2e)}
+            'decrypt_failed': bool(row.decrypt_failed), 'e2e': bool(row.e2e),
+            'priority': row.priority or 'next', 'emitted_at': iso(row.emitted_at),
+            'surfaced_at': iso(row.surfaced_at), 'surfaced_via': row.surfaced_via}
 
 
 def _outbox_item(row):
