@@ -1,7 +1,5 @@
-"""meshd: per-user mesh daemon and broker (entry script)."""
-from gevent import monkey; monkey.patch_all()  # noqa: E702 - before every other import
-
-from meshd.cli import main
+"""meshd: per-user mesh daemon and broker (entry script). meshd/entry.py decides what runs."""
+from meshd.entry import main
 
 if __name__ == '__main__':
     main()

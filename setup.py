@@ -11,7 +11,7 @@ setup(
     license='MIT',
     python_requires='>=3.9',
     # Never py_modules=['meshd'] beside packages=['meshd']: meshd.py would shadow the package.
-    packages=['meshd', 'meshd.api', 'meshd.broker', 'meshd.cli', 'rpc', 'storage'],
+    packages=['meshd', 'meshd.api', 'meshd.broker', 'meshd.claude', 'meshd.cli', 'rpc', 'storage'],
     # Ranges admit Debian 12's packaged versions and current PyPI releases (DESIGN.md 7).
     install_requires=[
         'gevent>=22.10',
@@ -24,7 +24,8 @@ setup(
     ],
     extras_require={
         'postgresql': ['psycopg2-binary>=2.9', 'psycogreen>=1.0'],
-        'test': ['nose2>=0.12'],
+        # The MCP SDK drives `meshd mcp` in one test, as a client (never in the product).
+        'test': ['nose2>=0.12', 'mcp>=1.2; python_version >= "3.10"'],
     },
-    entry_points={'console_scripts': ['meshd = meshd.cli:main']},
+    entry_points={'console_scripts': ['meshd = meshd.entry:main']},
 )

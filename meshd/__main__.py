@@ -1,7 +1,5 @@
-"""`python3 -m meshd`: patch gevent first, then run the CLI."""
-from gevent import monkey; monkey.patch_all()  # noqa: E702 - before every other import
-
-from meshd.cli import main
+"""`python3 -m meshd`: meshd/entry.py decides what runs (gevent is patched by meshd.cli)."""
+from meshd.entry import main
 
 if __name__ == '__main__':
     main()

@@ -35,7 +35,7 @@ class HookStatusReporter:
         url = self.broker_url(info.mesh)
         if info.presence is None or not url:
             return False
-        body = {'cwd': info.cwd or '', 'pid': info.pid, 'status': status,
+        body = {'cwd': info.hello_cwd, 'pid': info.pid, 'status': status,
                 'session_id': info.session_id}
         self.supervisor.spawn('hook-status', self._post, url, body, on_crash=LOG)
         return True

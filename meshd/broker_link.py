@@ -165,7 +165,7 @@ class SessionLink(Link):
                  'parentMemberId': mesh['memberId'], 'parentMemberPubkey': mesh['pubkey'],
                  'sessionPubkey': self.pubkey, 'parentAttestation': attestation,
                  'displayName': info.display_name, 'sessionId': info.session_id,
-                 'pid': info.pid, 'cwd': info.cwd or os.getcwd(),
+                 'pid': info.pid, 'cwd': info.hello_cwd,
                  'hostname': socket.gethostname(), 'peerType': 'ai',
                  'channel': 'claudemesh-session'}
         groups = [_group(g) for g in info.groups or []]

@@ -10,7 +10,7 @@ here, so there is one StorageError whichever module a caller imports it from.
 """
 from storage.errors import SchemaTooNewError, StorageError
 
-__all__ = ['AdminError', 'CommandFailed', 'ConfigError', 'ControlError', 'DaemonExit',
+__all__ = ['AdminError', 'ClaudeConfigError', 'CommandFailed', 'ConfigError', 'ControlError', 'DaemonExit',
            'DaemonExited', 'InviteError', 'LaunchError', 'MembershipError', 'MeshdError',
            'QuickstartError', 'SchemaTooNewError', 'SpawnTimeout', 'StopTimeout', 'StorageError', 'UsageError']
 
@@ -58,6 +58,10 @@ class QuickstartError(MeshdError):
 
 class AdminError(MeshdError):
     """A broker-admin command cannot be carried out."""
+
+
+class ClaudeConfigError(MeshdError):
+    """A Claude Code configuration file cannot be read or changed safely."""
 
 
 class ControlError(MeshdError):

@@ -13,8 +13,8 @@ PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
 
 
-def ensure_private_dir(path):
-    """Create `path` and its missing parents with mode 0700; narrow an existing wider one."""
+def missing_dirs(path):
+    """The directories that do not exist yet on the way to `path`, outermost first."""
     missing = []
     probe = os.path.abspath(path)
     while not os.path.isdir(probe):
@@ -23,7 +23,12 @@ def ensure_private_dir(path):
         if parent == probe:
             break
         probe = parent
-    for directory in reversed(missing):
+    return list(reversed(missing))
+
+
+def ensure_private_dir(path):
+    """Create `path` and its missing parents with mode 0700; narrow an existing wider one."""
+    for directory in missing_dirs(path):
         try:
             os.mkdir(directory, PRIVATE_DIR)
         except FileExistsError:

@@ -4,8 +4,16 @@ The session token is written to a 0600 file in a 0700 temporary directory and th
 learns only the file's path (MESHD_SESSION_TOKEN_FILE): a token is never printed, put in an
 environment value or in argv (DESIGN.md 18). The launch process stays alive while the child
 runs, so the registered pid is alive exactly as long as the session.
+
+When the child is Claude Code, its session id is meshd's: a new session passes
+`--session-id <uuid>`, and `--resume <uuid>` / `--continue` pass `--resume <uuid>` instead
+(Claude Code refuses `--session-id` with either). Unless `--no-channels`, it gets
+`--dangerously-load-development-channels server:meshd`, the flag that lets meshd's MCP
+server start turns with channel notifications (spec/agents.md §3).
 """
+import glob
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -17,6 +25,9 @@ from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
 from meshd import clock, config as config_mod, crypto, keystore
 from meshd.exceptions import LaunchError
+
+CHANNELS_FLAG = '--dangerously-load-development-channels'
+CLAUDE_SESSION_FLAGS = {'--session-id', '--resume', '-r', '--continue', '-c'}
 
 
 def pick_mesh(config, requested):
@@ -32,16 +43,64 @@ def pick_mesh(config, requested):
     raise LaunchError('several meshes joined (%s); pick one with --mesh' % ', '.join(meshes))
 
 
+def is_claude(command):
+    return os.path.basename(command[0]) == 'claude'
+
+
+def _gives(arguments, flag):
+    """Whether `arguments` hold `flag`, also as `--flag=value` (or `-rVALUE` for a short one)."""
+    return any(arg == flag or arg.startswith(flag + '=')
+               or (len(flag) == 2 and arg.startswith(flag) and not arg.startswith('--'))
+               for arg in arguments)
+
+
+def claude_arguments(command, session_id, resumed, channels):
+    """`command` with the flags that tie Claude Code to meshd's session (module doc)."""
+    own = list(command[1:])
+    extra = []
+    if not any(_gives(own, flag) for flag in CLAUDE_SESSION_FLAGS):
+        # The user's own choice of session stands.
+        extra += ['--resume', session_id] if resumed else ['--session-id', session_id]
+    if channels and not _gives(own, CHANNELS_FLAG):
+        extra += [CHANNELS_FLAG, 'server:meshd']
+    return [command[0]] + extra + own
+
+
+def latest_session(paths, slug, cwd, home=None):
+    """The newest Claude Code session of `cwd` that meshd launched (its transcript, under
+    ~/.claude/projects, is named by a session id that has a meshd keypair), or None."""
+    home = home or os.path.expanduser('~')
+    # spec/daemon.md §10.8 names the folder with / replaced by -; Claude Code also replaces
+    # every other character that is not a letter or a digit.
+    names = {cwd.replace('/', '-'), re.sub(r'[^a-zA-Z0-9]', '-', cwd)}
+    transcripts = sorted((path for name in names for path in glob.glob(
+        os.path.join(glob.escape(os.path.join(home, '.claude', 'projects', name)), '*.jsonl'))),
+        key=os.path.getmtime, reverse=True)
+    for path in transcripts:
+        session_id = os.path.basename(path)[:-len('.jsonl')]
+        if os.path.exists(paths.session_keypair(slug, session_id)):
+            return session_id
+    return None
+
+
 def run(paths, command, mesh=None, name=None, role=None, groups=None, resume=None, out=print,
-        ensure=None):
+        ensure=None, resume_latest=False, channels=True):
     """Register a session, run `command` under it, deregister; return the child's status.
 
-    `ensure()` makes sure a daemon answers (the CLI starts one when needed).
+    `ensure()` makes sure a daemon answers (the CLI starts one when needed);
+    `resume_latest` (--continue) resumes the newest meshd session of this directory.
     """
     config = config_mod.load_config(paths.config)
     slug = pick_mesh(config, mesh)
     entry = config_mod.mesh_by_slug(config, slug)
+    if resume_latest and not resume:
+        resume = latest_session(paths, slug, os.getcwd())
+        if resume is None:
+            out('meshd: no earlier meshd session in this directory; starting a new one')
     session_id = resume or str(uuid.uuid4())
+    if is_claude(command):
+        command = claude_arguments(command, session_id, resumed=bool(resume),
+                                   channels=channels)
     display_name = name or entry.get('displayName') or os.path.basename(os.getcwd()) or 'session'
     keypair = keystore.load_or_create(paths, slug, session_id)
     presence = crypto.session_presence(entry['pubkey'], entry['secretKey'], keypair.public_key,

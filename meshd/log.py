@@ -7,6 +7,7 @@ up once, by the CLI, never at import.
 """
 import json
 import logging
+import os
 import sys
 
 from meshd.clock import iso_now
@@ -62,3 +63,21 @@ def setup(debug=False):
     root.addHandler(err)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
+
+
+def setup_file(path, also_stderr=False, debug=False):
+    """Route every record to the file at `path` (created 0600), and to stderr as well when
+    `also_stderr`: for processes whose stdout is a protocol (the MCP server, hooks)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    formatter = JsonFormatter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    handler = logging.StreamHandler(os.fdopen(fd, 'a', encoding='utf-8'))
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
+    if also_stderr:
+        err = logging.StreamHandler(sys.stderr)
+        err.setFormatter(formatter)
+        root.addHandler(err)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -8,6 +8,7 @@ parent attestation (rehydrate).
 """
 import json
 import logging
+import os
 
 from rpc.protocol import CONFLICT, RpcError
 from storage.models import Session
@@ -37,6 +38,12 @@ class SessionInfo:
     @property
     def token_prefix(self):
         return self.token[:8]
+
+    @property
+    def hello_cwd(self):
+        """The working directory the session's hello announces, which the broker's hook
+        status route matches: its own, else the daemon's."""
+        return self.cwd or os.getcwd()
 
     @property
     def session_pubkey(self):

@@ -80,9 +80,11 @@ def _import_dependencies():
 if sys.version_info < (3, 9):
     sys.stderr.write("meshd: Python 3.9 or newer is required, not %%s\\n" %% sys.version.split()[0])
     sys.exit(1)
-_import_dependencies()
+if sys.argv[1:2] != ['hook']:
+    # A hook must start fast and never print to Claude Code: it imports what it needs itself.
+    _import_dependencies()
 
-from meshd.cli import main  # noqa: E402 - after the patch and the dependency check
+from meshd.entry import main  # noqa: E402 - after the patch and the dependency check
 
 main()
 '''

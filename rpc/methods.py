@@ -34,7 +34,11 @@ class Method:
         self.result = result
         self.stream = stream
         self.signature = inspect.signature(fn)
-        self.params = [p for p in list(self.signature.parameters.values())[1:]]
+        params = list(self.signature.parameters.values())[1:]
+        # A handler with **extra takes parameters it does not name (MCP's `_meta` and the
+        # fields later protocol revisions add); they reach it unchecked.
+        self.open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
+        self.params = [p for p in params if p.kind is not p.VAR_KEYWORD]
         doc = inspect.getdoc(fn) or ''
         self.help = doc.splitlines()[0] if doc else ''
 
@@ -64,7 +68,7 @@ class Method:
         params = {self.renames.get(name, name): value for name, value in params.items()}
         known = {p.name: p for p in self.params}
         for name in params:
-            if name not in known:
+            if name not in known and not self.open_ended:
                 raise invalid_params('unknown parameter %r' % name)
         for param in self.params:
             if param.name not in params:

@@ -300,8 +300,9 @@ class Inbox(BaseModel):
             .order_by(cls.received_at, SQL('rowid')).limit(limit))
 
     @classmethod
-    def due_to_agent(cls, scope, mesh, now, grace, after=None, limit=100):
-        """(rows, how many in all) not yet surfaced to the agent, oldest first.
+    def due_to_agent(cls, scope, mesh, now, grace, after=None, limit=100, urgent_first=False):
+        """(rows, how many in all) not yet surfaced to the agent, oldest first (`now` rows
+        before the others with `urgent_first`).
 
         A row a bridge emitted less than `grace` ms ago waits for its channel confirmation.
         A row is due from its arrival, or from the end of its grace when it was emitted;
@@ -314,8 +315,10 @@ class Inbox(BaseModel):
         if after is not None:
             condition &= due_since > after
         query = cls.select().where(condition)
-        return (list(query.order_by(cls.received_at, SQL('rowid')).limit(limit)),
-                query.count())
+        order = [cls.received_at, SQL('rowid')]
+        if urgent_first:
+            order.insert(0, Case(None, [(cls.priority == 'now', 0)], 1))
+        return list(query.order_by(*order).limit(limit)), query.count()
 
     @classmethod
     def overdue(cls, cutoff, limit):

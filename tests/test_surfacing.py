@@ -6,6 +6,7 @@ import gevent
 from rpc.client import RpcCallError
 
 from tests.base import short_tempdir, wait_for
+from tests.claude_base import token_file
 from tests.links_base import DAEMON_TIMINGS, LinksTestCase
 
 
@@ -92,6 +93,30 @@ class SurfacingTest(LinksTestCase):
         stream.close()
         wait_for(lambda: not self.db.call('daemon.health')['sessions'][self.token[:8]]['mcp'][
             'attached'], what='the stream to end')
+
+    def test_meshd_inbox_shows_how_rows_reached_the_agent_and_marks_what_it_shows(self):
+        self.dm('by tool')
+        row = self.wait_inbox(self.db, 1, client=self.client)[0]
+        self.client.call('inbox.mark_surfaced', {'ids': [row['id']], 'via': 'tool'})
+        self.dm('not yet')
+        self.wait_inbox(self.db, 2, client=self.client)
+        shown = self.run_cli('inbox', home=self.db.home)
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        lines = shown.stdout.splitlines()
+        self.assertTrue(lines[lines.index('  by tool') + 1].startswith(
+            '  reached the agent by MCP tool at '), shown.stdout)
+        self.assertEqual(lines[lines.index('  not yet') + 1], '  not yet shown to an agent')
+        rows = {r['body']: r for r in self.client.call('inbox.list', {})['items']}
+        self.assertIsNone(rows['not yet']['surfaced_at'])      # shown to a person, not an agent
+        tmp = short_tempdir()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        token_path = token_file(self, tmp, self.token)
+        as_session = self.run_cli('inbox', home=self.db.home,
+                                  env={'MESHD_SESSION_TOKEN_FILE': token_path})
+        self.assertEqual(as_session.returncode, 0, as_session.stderr)
+        rows = {r['body']: r for r in self.client.call('inbox.list', {})['items']}
+        self.assertEqual((rows['by tool']['surfaced_via'], rows['not yet']['surfaced_via']),
+                         ('tool', 'cli'))
 
     def test_bad_parameters_get_stable_codes(self):
         for method, params, slug in (

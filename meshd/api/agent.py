@@ -100,12 +100,14 @@ class AgentMethods:
         # so a backlog cut at the last prompt is not handed over again and again.
         after = state.handover_mark if event == 'PostToolUse' else None
         with self.store.reading():
+            # At Stop, `now` rows come first: one behind a backlog must still be seen.
             rows, total = Inbox.due_to_agent(
                 inbox_scope(ctx, self.member_pubkey), session.mesh, now,
-                int(self.grace() * 1000), after=after, limit=clamp(limit, 10, 1, 100))
+                int(self.grace() * 1000), after=after, limit=clamp(limit, 10, 1, 100),
+                urgent_first=event == 'Stop')
         urgent = any(row.priority == 'now' for row in rows)
         if event == 'Stop' and not urgent:
-            rows, total = [], total      # Stop continues the session only for `now` rows
+            rows = []      # Stop continues the session only for `now` rows
         state.handover_mark = now
         return {'items': [inbox_item(row) for row in rows], 'total': total, 'urgent': urgent}
 

@@ -21,14 +21,14 @@ __all__ = ['build_parser', 'main']
 
 def build_parser():
     from meshd.broker import cli as broker_cli
-    from meshd.cli import daemon_commands, meshes, messages, service_commands
+    from meshd.cli import claude_commands, daemon_commands, meshes, messages, service_commands
     parser = argh.ArghParser(prog='meshd', description='meshd: messages between agent '
                              'sessions across machines, through a claudemesh-protocol broker.')
     parser.add_argument('--version', action='version', version='meshd %s' % __version__)
     parser.add_commands([daemon_commands.quickstart, messages.send, messages.peers,
                          messages.inbox, messages.outbox, messages.sessions, messages.call,
                          meshes.join, meshes.leave, meshes.import_claudemesh, meshes.launch,
-                         broker_cli.broker])
+                         broker_cli.broker] + claude_commands.COMMANDS)
     add_group(parser, 'daemon', daemon_commands.COMMANDS + [service_commands.install_service],
               'run and control the daemon')
     add_group(parser, 'broker-admin', broker_cli.ADMIN_COMMANDS,

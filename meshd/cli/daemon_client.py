@@ -39,14 +39,17 @@ def session_token():
 
 
 def attach(client):
-    """Act as the caller's session when it has one (spec/daemon.md §10.1)."""
+    """Act as the session of MESHD_SESSION_TOKEN_FILE when there is one (spec/daemon.md
+    §10.1); True when attached. (Hooks also find their session through the process tree;
+    commands do not, so a shell that started a session does not speak as it by surprise.)"""
     token = session_token()
     if token is None:
-        return
+        return False
     try:
         client.call('session.attach', {'token': token})
+        return True
     except RpcCallError:
-        pass  # no_session: the command goes on session-less, as spec/daemon.md §10.1 says
+        return False  # no_session: the command goes on session-less (spec/daemon.md §10.1)
 
 
 def call(paths, method, params=None, timeout=5.0):

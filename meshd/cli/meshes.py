@@ -58,14 +58,20 @@ def import_claudemesh(path):
 @argh.arg('--role', default=None, help='role shown to peers')
 @argh.arg('--groups', default=None, help='groups NAME[:ROLE],…')
 @argh.arg('--resume', default=None, help='the session UUID to resume (keeps its keypair)')
-def launch(*command, name=None, mesh=None, role=None, groups=None, resume=None):
-    """Run an agent as a registered session until it exits."""
+@argh.arg('--continue', dest='continue_', default=False, action='store_true',
+          help='resume the newest meshd session of this directory')
+@argh.arg('--no-channels', default=False, action='store_true',
+          help='do not let meshd start Claude Code turns with channel notifications')
+def launch(*command, name=None, mesh=None, role=None, groups=None, resume=None,
+           continue_=False, no_channels=False):
+    """Run an agent (default: claude) as a registered session until it exits."""
     from meshd import launch as launch_mod
     paths = Paths()
     try:
         status_code = launch_mod.run(
             paths, list(command) or ['claude'], mesh=mesh, name=name, role=role, groups=groups,
-            resume=resume, out=lambda line: print(line, file=sys.stderr),
+            resume=resume, resume_latest=continue_, channels=not no_channels,
+            out=lambda line: print(line, file=sys.stderr),
             ensure=lambda: daemon_client.connect(paths).close())
     except CommandFailed:
         raise               # the daemon could not be reached: its own line says so

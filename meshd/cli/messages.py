@@ -78,15 +78,41 @@ def inbox(*, mesh=None, limit=100, unread=False, json=False):
     params = {'limit': limit, 'unread_only': unread, 'mark_seen': True}
     if mesh:
         params['mesh'] = mesh
-    items = daemon_client.call(paths, 'inbox.list', params)['items']
-    if json:
-        print_json(items)
-        return
-    print('inbox — %s (%d%s messages)' % (mesh or 'all meshes', len(items),
-                                         ' unread' if unread else ''))
-    for item in items:
-        print(_inbox_heading(item))
-        print('  %s' % _inbox_body(item))
+    client = daemon_client.connect(paths)
+    try:
+        attached = daemon_client.attach(client)
+        items = client.call('inbox.list', params)['items']
+        if json:
+            print_json(items)
+        else:
+            print('inbox — %s (%d%s messages)' % (mesh or 'all meshes', len(items),
+                                                 ' unread' if unread else ''))
+            for item in items:
+                print(_inbox_heading(item))
+                print('  %s' % _inbox_body(item))
+                print('  %s' % _inbox_reach(item))
+        sys.stdout.flush()
+        if attached and items:
+            # Run by an agent as its session: what it just read reached it (spec/agents.md §1).
+            client.call('inbox.mark_surfaced', {'ids': [item['id'] for item in items],
+                                                'via': 'cli'})
+    except RpcCallError as exc:
+        raise CommandFailed('inbox.list failed: %s' % exc.error.get('message'))
+    except RpcConnectionError as exc:
+        raise daemon_client.unreachable(exc, paths)
+    finally:
+        client.close()
+
+
+def _inbox_reach(item):
+    """How the row reached the agent of its session, if it did."""
+    if item.get('surfaced_at'):
+        how = {'channel': 'by MCP channel', 'hook': 'by hook', 'tool': 'by MCP tool',
+               'cli': 'by `meshd inbox`'}.get(item.get('surfaced_via'), item.get('surfaced_via'))
+        return 'reached the agent %s at %s' % (how, item['surfaced_at'])
+    if item.get('emitted_at'):
+        return 'sent to the agent by MCP channel at %s, not yet confirmed' % item['emitted_at']
+    return 'not yet shown to an agent'
 
 
 def _inbox_heading(item):
