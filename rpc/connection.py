@@ -16,6 +16,29 @@ import gevent.lock
 from rpc.protocol import encode
 
 
+class LineWriter:
+    """Writes whole JSON-RPC lines with `write(data)`, one writer at a time (responses and
+    notifications share a peer); after a failed write, `closed` is set and writes stop."""
+
+    def __init__(self, write, closed):
+        self._write = write
+        self.closed = closed
+        self._lock = gevent.lock.Semaphore()
+
+    def send(self, message):
+        """Write one message as a line; False when the peer is gone."""
+        if self.closed.is_set():
+            return False
+        data = encode(message)
+        with self._lock:
+            try:
+                self._write(data)
+                return True
+            except (OSError, ValueError):
+                self.closed.set()
+                return False
+
+
 class Stream:
     """A handler's answer that keeps streaming: `result` goes out first, then `run(conn)`.
 
@@ -56,7 +79,7 @@ class Connection:
         self.closed = gevent.event.Event()
         self.opened_at = self.last_activity = time.monotonic()
         self.in_call = False
-        self._write_lock = gevent.lock.Semaphore()
+        self._writer = LineWriter(sock.sendall, self.closed)
         self._answers = collections.deque()     # (request id, Pending or ready answer)
         self._answerer = None
         self._server = server
@@ -96,16 +119,7 @@ class Connection:
 
     def send(self, message):
         """Write one message as a line; False when the peer is gone."""
-        if self.closed.is_set():
-            return False
-        data = encode(message)
-        with self._write_lock:
-            try:
-                self.sock.sendall(data)
-                return True
-            except OSError:
-                self.closed.set()
-                return False
+        return self._writer.send(message)
 
     def close(self):
         self.closed.set()

@@ -12,10 +12,10 @@ import logging
 
 import gevent
 import gevent.event
-import gevent.lock
 from gevent.fileobject import FileObjectPosix
+from rpc.connection import LineWriter
 from rpc.protocol import (INTERNAL_ERROR, INVALID_REQUEST, MAX_LINE, PARSE_ERROR, RpcError,
-                          encode, error_response, invalid_params, response)
+                          error_response, invalid_params, response)
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +36,17 @@ class StdioPeer:
         self.pool = pool
         self._in = FileObjectPosix(infd, 'rb', close=False)
         self._out = FileObjectPosix(outfd, 'wb', close=False)
-        self._write_lock = gevent.lock.Semaphore()
         self._requests = {}                 # request id -> greenlet serving it
         self.closed = gevent.event.Event()  # stdin ended or stdout broke
+        self._writer = LineWriter(self._write_and_flush, self.closed)
+
+    def _write_and_flush(self, data):
+        self._out.write(data)
+        self._out.flush()
 
     def send(self, message):
         """Write one message as a line and flush it; False once the client is gone."""
-        if self.closed.is_set():
-            return False
-        data = encode(message)
-        with self._write_lock:
-            try:
-                self._out.write(data)
-                self._out.flush()
-                return True
-            except (OSError, ValueError):
-                self.closed.set()
-                return False
+        return self._writer.send(message)
 
     def serve(self):
         """Read and answer until stdin ends; requests still running are waited for."""
