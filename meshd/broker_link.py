@@ -16,13 +16,14 @@ import time
 from storage.models import Outbox
 
 from meshd import clock, crypto, fingerprint
+from meshd.greenlets import LOG
 from meshd.wslink import Link
 
 log = logging.getLogger(__name__)
 
 EXT_VERSION = 1
 # meshd extensions this daemon speaks, announced in every hello.
-DAEMON_EXTENSIONS = ('undelivered',)
+DAEMON_EXTENSIONS = ('undelivered', 'presence')
 
 
 def stable_session_id(member_pubkey, host_id=None):
@@ -46,11 +47,14 @@ class MemberLink(Link):
     kind = 'member'
     log_prefix = 'broker_'
 
-    def __init__(self, mesh, timings, supervisor, inbound, publish, store, on_open=None):
-        super().__init__(mesh, mesh['brokerUrl'], timings, supervisor, on_open)
+    def __init__(self, mesh, timings, supervisor, inbound, publish, store, on_open=None,
+                 on_roster=None):
+        super().__init__(mesh, mesh['brokerUrl'], timings, supervisor, self._opened)
         self.inbound = inbound
         self.publish = publish
         self.store = store
+        self._when_open = on_open
+        self.on_roster = on_roster      # (slug, peers): what each roster read showed
         self.session_id = stable_session_id(mesh['pubkey'])
         self._roster = None
         self._roster_at = 0.0
@@ -58,6 +62,12 @@ class MemberLink(Link):
     @property
     def pubkey(self):
         return self.mesh['pubkey']
+
+    def _opened(self):
+        if self._when_open is not None:
+            self._when_open()
+        # Learn who is on the mesh now (the address book), without holding up the reader.
+        self.supervisor.spawn('roster:%s' % self.name, self.list_peers, on_crash=LOG)
 
     def on_first_connect_failed(self, error):
         # Plain text on stderr, as spec/daemon.md §1.6 step 10 has it; the link keeps trying.
@@ -123,6 +133,8 @@ class MemberLink(Link):
             self.forget_roster()
             return None
         self._roster, self._roster_at = reply['peers'], time.monotonic()
+        if self.on_roster is not None:
+            self.on_roster(self.name, reply['peers'])
         return reply['peers']
 
     def forget_roster(self):

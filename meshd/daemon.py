@@ -36,6 +36,7 @@ from meshd.api.messages import MessageMethods
 from meshd.api.sessions import SessionMethods
 from meshd.broker_link import MemberLink, SessionLink
 from meshd.bus import EventBus
+from meshd.directory import Directory
 from meshd.drain import Drain
 from meshd.exceptions import ConfigError, DaemonExit, StorageError
 from meshd.greenlets import Supervisor
@@ -44,6 +45,7 @@ from meshd.links import LinkTable
 from meshd.pidfile import AlreadyRunning, PidLock
 from meshd.pruner import Pruner
 from meshd.reaper import Reaper
+from meshd.resolver import Resolver
 from meshd.send import Sender
 from meshd.sessions import SessionRegistry
 from meshd.surfacing import Surfacing
@@ -91,9 +93,12 @@ class Daemon:
         self.sessions = SessionRegistry(self.store, paths)
         self.links = LinkTable(self.timings, self.supervisor, self._member_link,
                                self._session_link, self.sessions.all)
-        self.inbound = Inbound(self.store, self.bus, self.links.is_own_pubkey)
+        self.directory = Directory(self.store)
+        self.inbound = Inbound(self.store, self.bus, self.links.is_own_pubkey, self.directory)
         self.drain = Drain(self.store, self.links, self.timings, self.supervisor)
-        self.sender = Sender(self.store, self.links, self.timings, self.drain.wake)
+        self.sender = Sender(self.store, self.links,
+                             Resolver(self.links, self.directory, self.timings), self.timings,
+                             self.drain.wake)
         self.surfacing = Surfacing(self.store, self.sessions, self.bus.publish,
                                    self.links.member_pubkey, options.not_surfaced_after)
         self.methods = MethodTable()
@@ -101,7 +106,7 @@ class Daemon:
             DaemonMethods(lambda: (self.epoch, self.schema_version), self.health,
                           self.reload_config, self.links),
             SessionMethods(self.sessions),
-            MessageMethods(self.sender, self.links),
+            MessageMethods(self.sender, self.links, self.directory),
             MailboxMethods(self.store, self.links.member_pubkey, self.drain.wake),
             EventMethods(self.bus, self.timings['events_keepalive'], self.links.member_pubkey,
                          self.surfacing),
@@ -120,7 +125,8 @@ class Daemon:
 
     def _member_link(self, mesh):
         return MemberLink(mesh, self.timings, self.supervisor, self.inbound, self.bus.publish,
-                          self.store, on_open=self.drain.wake)
+                          self.store, on_open=self.drain.wake,
+                          on_roster=self.directory.learn_roster)
 
     def _broker_url(self, slug):
         mesh = self.links.meshes.get(slug)
@@ -160,6 +166,7 @@ class Daemon:
         if recovered:
             log.info('outbox_inflight_recovered', extra={'fields': {'count': recovered}})
         self.bus.reset_log()
+        self.directory.load()
         try:
             config = config_mod.load_config(self.paths.config)
         except ConfigError as exc:
@@ -246,7 +253,8 @@ class Daemon:
         self._publish_session_event('session_registered', info)
 
     def _on_session_deregistered(self, info):
-        self.links.close_session(info.token)
+        # Deregistered (by the session, launch, the bridge or the reaper): it ended on purpose.
+        self.links.close_session(info.token, goodbye=True)
         self._publish_session_event('session_deregistered', info)
 
     def _publish_session_event(self, event, info):

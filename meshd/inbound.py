@@ -30,6 +30,10 @@ def _text(value):
     return value if isinstance(value, str) and value != '' else None
 
 
+def _key(value):
+    return value.lower() if isinstance(value, str) and len(value) == 64 else None
+
+
 class Inbound:
     """Stores, acknowledges and publishes what the broker links receive.
 
@@ -37,10 +41,11 @@ class Inbound:
     the daemon's own keys (its sessions joining or leaving are not news).
     """
 
-    def __init__(self, store, bus, is_own_pubkey):
+    def __init__(self, store, bus, is_own_pubkey, directory):
         self.store = store
         self.bus = bus
         self.is_own_pubkey = is_own_pubkey
+        self.directory = directory
 
     def handle_push(self, link, frame, session_secret=None):
         """Store, acknowledge and publish one push that arrived on `link`."""
@@ -55,11 +60,15 @@ class Inbound:
         body, recipient_kind, recipient_pubkey, failed, sealed = _open(
             mesh, link, sender, nonce, ciphertext, session_secret)
         broker_id = _text(frame.get('messageId'))
+        # A DM push carries no name: the address book knows who the key was at receipt.
+        known_name, known_member = self.directory.sender(mesh['slug'], sender)
+        sender_name = _text(frame.get('senderName')) or known_name or sender[:8]
+        sender_member = _key(frame.get('senderMemberPubkey')) or known_member
         cmid = _text(frame.get('client_message_id')) or broker_id or str(uuid.uuid4())
         created_at = _text(frame.get('createdAt'))
         row = dict(id=str(uuid.uuid4()), client_message_id=cmid, broker_message_id=broker_id,
                    mesh=mesh['slug'], topic=_text(frame.get('topic')), sender_pubkey=sender,
-                   sender_name=_text(frame.get('senderName')) or sender[:8], body=body,
+                   sender_name=sender_name, sender_member_pubkey=sender_member, body=body,
                    meta=json.dumps({'created_at': created_at}) if created_at else None,
                    received_at=clock.now_ms(), reply_to_id=_text(frame.get('replyToId')),
                    recipient_pubkey=recipient_pubkey, recipient_kind=recipient_kind,
@@ -88,6 +97,7 @@ class Inbound:
         event_data = frame.get('eventData') if isinstance(frame.get('eventData'), dict) else {}
         pubkey = event_data.get('pubkey')
         link.forget_roster()  # a peer came, went or changed: the next resolution reads afresh
+        self.directory.learn_event(link.mesh['slug'], event_data)
         if isinstance(pubkey, str) and pubkey and self.is_own_pubkey(pubkey, link.mesh['slug']):
             return  # our own sessions joining or leaving (1.34.9)
         # The broker's fields first, ours last: eventData must not move the event to another
@@ -133,7 +143,7 @@ def _priority(frame):
 def _event_data(row, frame):
     data = {'id': row['id'], 'mesh': row['mesh'], 'client_message_id': row['client_message_id'],
             'broker_message_id': row['broker_message_id'], 'sender_pubkey': row['sender_pubkey'],
-            'sender_member_pubkey': _text(frame.get('senderMemberPubkey')),
+            'sender_member_pubkey': row['sender_member_pubkey'],
             'sender_name': row['sender_name'], 'topic': row['topic'],
             'reply_to_id': row['reply_to_id'], 'priority': row['priority'],
             'body': row['body'], 'created_at': _text(frame.get('createdAt')),

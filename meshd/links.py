@@ -89,10 +89,11 @@ class LinkTable:
                 link.close()
         self.sessions[info.token] = self._session_link(mesh, info).start()
 
-    def close_session(self, token):
+    def close_session(self, token, goodbye=False):
+        """Close a session's link; `goodbye` when the session ended on purpose."""
         link = self.sessions.pop(token, None)
         if link is not None:
-            link.close()
+            link.close(goodbye=goodbye)
 
     def session_by_pubkey(self, pubkey):
         for link in self.sessions.values():

@@ -1,7 +1,8 @@
 """Retention: one pass at start, then hourly (spec/daemon.md §3.3, DESIGN.md 19).
 
-Deletes inbox rows, finished outbox rows and idempotency keys older than 30 days, trims the
-event log to its newest 10 000 rows, then gives the freed pages back to the file system.
+Deletes inbox rows, finished outbox rows, idempotency keys and address-book sessions older
+than 30 days, trims the event log to its newest 10 000 rows, then gives the freed pages back
+to the file system.
 Every delete is a small batch through the group writer and every vacuum step a few hundred
 pages, so other calls are answered between them: one DELETE of 100 000 rows held the write
 lock (and the hub) for seconds, and the file never shrank.
@@ -9,7 +10,8 @@ lock (and the hub) for seconds, and the file never shrank.
 import logging
 
 import gevent
-from storage.models import RETENTION_MS, Idempotency, Inbox, Outbox, return_free_pages
+from storage.models import (RETENTION_MS, AddressBook, Idempotency, Inbox, Outbox,
+                            return_free_pages)
 
 from meshd import clock
 
@@ -33,7 +35,8 @@ class Pruner:
         removed = {}
         try:
             for table, prune in (('inbox', Inbox.prune), ('outbox', Outbox.prune),
-                                 ('idempotency', Idempotency.prune)):
+                                 ('idempotency', Idempotency.prune),
+                                 ('address_book', AddressBook.prune)):
                 removed[table] = self._in_batches(prune, cutoff)
         except Exception as exc:
             log.warning('inbox_prune_failed', extra={'fields': {'err': str(exc)}})

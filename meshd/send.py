@@ -4,47 +4,36 @@ Every failure to resolve the target happens before any outbox or idempotency row
 so a refused send never consumes its client_message_id. The accepted row and its
 idempotency key are committed in one transaction before `send` answers (the answer is a
 Pending that completes after the group commit); the drain is woken after the commit.
-Rosters are read with `list_peers`, concurrently, outside any transaction. The Sender sees
-the daemon through what its constructor gives it: the store, the LinkTable (joined meshes,
-rosters, what each broker announced), the timings and a way to wake the drain.
+The target is resolved by meshd/resolver.py (rosters read concurrently, outside any
+transaction, and the address book). The Sender sees the daemon through what its constructor
+gives it: the store, the LinkTable (joined meshes, what each broker announced), the
+resolver, the timings and a way to wake the drain.
 """
-import re
 import uuid
 
 from rpc.connection import Pending
-from rpc.protocol import (CONFLICT, INVALID_PARAMS, INVALID_REQUEST, MESH_CHOICE, NOT_FOUND,
-                          UPSTREAM_ERROR, RpcError, invalid_params)
+from rpc.protocol import (CONFLICT, INVALID_PARAMS, INVALID_REQUEST, NOT_FOUND, UPSTREAM_ERROR,
+                          RpcError, invalid_params)
 from storage.models import Idempotency, Outbox
 
 from meshd import clock, crypto, wire
 from meshd.clock import iso_from_ms
 
 MAX_TTL_S = 10 * 365 * 24 * 3600  # beyond this an expiry date cannot be stored or shown
-_PREFIX = re.compile(r'^[0-9a-fA-F]{4,63}$')
-
-
-class Resolution:
-    """Where a send goes: mesh, target_spec, and what the roster said about it."""
-
-    def __init__(self, mesh, target, is_dm, name=None, online=None):
-        self.mesh = mesh
-        self.target = target
-        self.is_dm = is_dm
-        self.name = name
-        self.online = online
 
 
 class Sender:
     """Runs `send` calls: `send(session, to, message, …)` returns a Pending answer."""
 
-    def __init__(self, store, links, timings, wake_drain):
+    def __init__(self, store, links, resolver, timings, wake_drain):
         self.store = store
         self.links = links
+        self.resolver = resolver
         self.timings = timings
         self.wake_drain = wake_drain
 
     def send(self, session, to, message, mesh=None, priority=None, meta=None,
-             reply_to_id=None, client_message_id=None, ttl=None):
+             reply_to_id=None, client_message_id=None, ttl=None, strict=False):
         """Run the pipeline for one `send` call and return its (pending) result."""
         to = (to or '').strip()
         if not to:
@@ -69,7 +58,15 @@ class Sender:
                 return known
         if to.startswith('#'):
             raise RpcError.of(INVALID_PARAMS, 'invalid_target', '#topics are not supported')
-        resolution = self.resolve(session, to, mesh)
+        if mesh is not None and mesh not in self.links.meshes:
+            raise RpcError.of(NOT_FOUND, 'mesh_not_attached', 'mesh not attached: %s' % mesh,
+                              mesh=mesh)
+        resolution = self.resolver.resolve(session, to, mesh)
+        if strict and not resolution.known:
+            raise RpcError.of(NOT_FOUND, 'recipient_unknown',
+                              'no roster or address book of mesh "%s" has shown %s'
+                              % (resolution.mesh, resolution.target), to=to,
+                              mesh=resolution.mesh)
         mesh_entry = self.links.meshes[resolution.mesh]
         sender_session = None
         if (session is not None and session.presence is not None
@@ -118,7 +115,7 @@ class Sender:
                     'broker_message_id': None, 'mesh': resolution.mesh,
                     'target_spec': resolution.target, 'expires_at': iso_from_ms(expires_at),
                     'recipient_name': resolution.name, 'recipient_online': resolution.online,
-                    'broker_dm_ttl': broker_ttl}
+                    'recipient_unknown': not resolution.known, 'broker_dm_ttl': broker_ttl}
         # Answered once committed: an accepted message survives a crash (DESIGN.md 6). Until
         # then the connection reads on, so a client pipelining sends shares the commits.
         return Pending(self.store.writer.write_async(accept), answer)
@@ -129,89 +126,6 @@ class Sender:
         link = self.links.member(resolution.mesh)
         broker_ttl = link.broker_dm_ttl if resolution.is_dm and link is not None else None
         return broker_ttl if broker_ttl is not None and broker_ttl < ttl_s else None
-
-    # -- resolution ----------------------------------------------------------------------
-
-    def _fallback_mesh(self, session, explicit):
-        meshes = self.links.meshes
-        if explicit:
-            if explicit not in meshes:
-                raise RpcError.of(NOT_FOUND, 'mesh_not_attached',
-                                  'mesh not attached: %s' % explicit, mesh=explicit)
-            return explicit
-        if session is not None and session.mesh in meshes:
-            return session.mesh
-        if len(meshes) == 1:
-            return next(iter(meshes))
-        attached = sorted(meshes)
-        raise RpcError.of(MESH_CHOICE, 'mesh_required',
-                          "daemon attached to %d meshes; pass 'mesh'" % len(attached),
-                          attached=attached)
-
-    def resolve(self, session, to, explicit_mesh):
-        """Pick the mesh and the target of `to` (spec/daemon.md §8.3, meshd table)."""
-        # Resolution may reuse a roster read moments ago (join and leave events forget it).
-        max_age = self.timings['roster_cache_ttl']
-
-        if explicit_mesh is not None and explicit_mesh not in self.links.meshes:
-            raise RpcError.of(NOT_FOUND, 'mesh_not_attached', 'mesh not attached: %s' % explicit_mesh,
-                              mesh=explicit_mesh)
-        if to == '*' or to.startswith('@'):
-            return Resolution(self._fallback_mesh(session, explicit_mesh), to, False)
-        if crypto.is_hex64(to, any_case=True):
-            target = to.lower()
-            if explicit_mesh:
-                peers = self.links.rosters([explicit_mesh], max_age)[explicit_mesh]
-                return Resolution(explicit_mesh, target, True, _name_for(peers, target),
-                                  _online(peers, target))
-            rosters = self.links.rosters(sorted(self.links.meshes), max_age)
-            hits = [slug for slug, peers in rosters.items() if peers and any(
-                str(p.get('pubkey', '')).lower() == target
-                or str(p.get('memberPubkey', '')).lower() == target for p in peers)]
-            if len(hits) > 1:
-                raise RpcError.of(MESH_CHOICE, 'mesh_required',
-                                  '"%s" matches peers on %d meshes — pick one with mesh'
-                                  % (to, len(hits)), to=to, meshes=hits, candidates=[])
-            slug = hits[0] if hits else self._fallback_mesh(session, None)
-            peers = rosters.get(slug)
-            return Resolution(slug, target, True, _name_for(peers, target), _online(peers, target))
-        kind = 'prefix' if _PREFIX.match(to) else 'name'
-        scope = [explicit_mesh] if explicit_mesh else sorted(self.links.meshes)
-        rosters = self.links.rosters(scope, max_age)
-        hits, seen = [], set()
-        for slug in scope:
-            for peer in rosters.get(slug) or []:
-                if _is_control_plane(peer):
-                    continue
-                pubkey = str(peer.get('pubkey', '')).lower()
-                if kind == 'prefix':
-                    needle = to.lower()
-                    matched = (pubkey.startswith(needle)
-                               or str(peer.get('memberPubkey', '')).lower().startswith(needle))
-                else:
-                    matched = str(peer.get('displayName', '')).lower() == to.lower()
-                if matched and pubkey not in seen:
-                    seen.add(pubkey)
-                    hits.append((slug, peer))
-        candidates = [{'display_name': p.get('displayName'), 'pubkey': p.get('pubkey'), 'mesh': s}
-                      for s, p in hits]
-        if not hits:
-            unreachable = [slug for slug in scope if rosters.get(slug) is None]
-            where = ('on mesh "%s"' % explicit_mesh) if explicit_mesh else 'on any joined mesh'
-            raise RpcError.of(NOT_FOUND, 'peer_not_found', 'No peer matches "%s" %s' % (to, where),
-                              to=to, meshes=scope, unreachable=unreachable)
-        meshes = sorted({slug for slug, _peer in hits})
-        if len(meshes) > 1 and not explicit_mesh:
-            raise RpcError.of(MESH_CHOICE, 'mesh_required',
-                              '"%s" matches peers on %d meshes — pick one with mesh'
-                              % (to, len(meshes)), to=to, meshes=meshes, candidates=candidates)
-        if len(hits) > 1:
-            raise RpcError.of(MESH_CHOICE, 'ambiguous', 'Ambiguous %s "%s" — matches %d peers.'
-                              % (kind, to, len(hits)), to=to, kind=kind, mesh=meshes[0],
-                              candidates=candidates)
-        slug, peer = hits[0]
-        target = str(peer.get('pubkey')).lower()
-        return Resolution(slug, target, True, peer.get('displayName'), True)
 
 
 # -- idempotency (spec/daemon.md §3.1.2) -------------------------------------------------
@@ -229,7 +143,7 @@ def _decide(cmid, fingerprint):
                 'duplicate': True, 'broker_message_id': row.broker_message_id,
                 'mesh': row.mesh, 'target_spec': row.target_spec,
                 'expires_at': iso_from_ms(row.expires_at), 'recipient_name': None,
-                'recipient_online': None, 'broker_dm_ttl': None}
+                'recipient_online': None, 'recipient_unknown': False, 'broker_dm_ttl': None}
     if status in ('pending', 'inflight', 'done'):
         reason = 'outbox_%s_fingerprint_mismatch' % status
     else:
@@ -237,37 +151,3 @@ def _decide(cmid, fingerprint):
     raise RpcError.of(CONFLICT, 'conflict', 'idempotency_key_reused', reason=reason,
                       daemon_fingerprint_prefix=stored[:8].hex(),
                       broker_message_id=row.broker_message_id if row is not None else None)
-
-
-# -- resolution --------------------------------------------------------------------------
-
-def _is_control_plane(peer):
-    return peer.get('peerRole') == 'control-plane'
-
-
-def _online(peers, target):
-    """Whether a presence that will take a DM to `target` is connected; None if unknown.
-
-    A session row counts when its key or its member's key is the target. A control-plane
-    row counts only as its member's own key: a DM to a member key reaches that member's
-    daemon (meshd stores it in the member's inbox), so the daemon being connected means
-    the recipient is online.
-    """
-    if peers is None:
-        return None
-    target = target.lower()
-    for peer in peers:
-        member = str(peer.get('memberPubkey', '')).lower()
-        if _is_control_plane(peer):
-            if member == target:
-                return True
-        elif str(peer.get('pubkey', '')).lower() == target or member == target:
-            return True
-    return False
-
-
-def _name_for(peers, target):
-    for peer in peers or []:
-        if str(peer.get('pubkey', '')).lower() == target:
-            return peer.get('displayName')
-    return None

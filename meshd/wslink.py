@@ -71,6 +71,7 @@ class Link:
         self._request_seq = 0
         self._failures = 0
         self._opened = False     # a hello_ack was ever received on this link
+        self.broker_features = frozenset()  # meshd extensions the broker announced
         self._last_activity = time.monotonic()
         self._last_error_frame = None
         self._connecting = None
@@ -102,8 +103,12 @@ class Link:
         return {'status': self.status, 'state': self.state, 'detail': self.detail,
                 'retry_at': self.retry_at}
 
-    def close(self):
-        """Stop for good: idempotent, also during a backoff wait."""
+    def close(self, goodbye=False):
+        """Stop for good: idempotent, also during a backoff wait. With `goodbye`, a broker
+        that speaks the `presence` extension is told first that this presence ends on
+        purpose, so it leaves at once instead of after its grace window."""
+        if goodbye and 'presence' in self.broker_features and not self.is_closed:
+            self.send_frame({'type': 'meshd_goodbye'})
         self._closed.set()
         self._reconnect_now.set()
         self._drop_socket()
@@ -199,6 +204,8 @@ class Link:
     def _read_extensions(self, ack):
         """What meshd extensions the broker announced in hello_ack (none: claudemesh)."""
         ext = ack.get('meshdExt')
+        features = ext.get('features') if isinstance(ext, dict) else None
+        self.broker_features = frozenset(f for f in features or () if isinstance(f, str))
         ttl = ext.get('dmTtlSeconds') if isinstance(ext, dict) else None
         self.broker_dm_ttl = ttl if isinstance(ttl, int) and not isinstance(ttl, bool) else None
 

@@ -125,5 +125,14 @@ MIGRATIONS = [
                   'ALTER TABLE "inbox" ADD COLUMN "surface_warned_at" INTEGER',
                   'CREATE INDEX "inbox_unsurfaced" ON "inbox" ("surfaced_at", "received_at")'],
               doc='inbox: priority, emitted, surfaced'),
+    # Names that work (DESIGN.md 17): every member and session seen on each mesh, and the
+    # member behind each inbox row's sender.
+    Migration(5, ['CREATE TABLE "address_book" ("mesh" TEXT NOT NULL, "pubkey" TEXT NOT NULL, '
+                  '"member_pubkey" TEXT NOT NULL, "kind" TEXT NOT NULL, "display_name" TEXT, '
+                  '"first_seen_at" INTEGER NOT NULL, "last_seen_at" INTEGER NOT NULL, '
+                  'PRIMARY KEY ("mesh", "pubkey"))',
+                  'CREATE INDEX "address_book_member" ON "address_book" ("member_pubkey")',
+                  'ALTER TABLE "inbox" ADD COLUMN "sender_member_pubkey" TEXT'],
+              doc='address book; inbox sender member'),
 ]
 HEAD = head(MIGRATIONS)

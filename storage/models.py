@@ -1,41 +1,21 @@
-"""peewee models of meshd.db: outbox, inbox, sessions, idempotency, events (spec/daemon.md §3).
-
-The models are bound to `database`, a proxy that the daemon's Store opens. Every statement
-the daemon runs is a classmethod named for what it means, next to its model: callers run
-writes through the store (`store.write(Outbox.claim, ids, now, lease_ms)`) and reads inside
-`store.reading()`, and never write SQL of their own. The per-message paths are hand-written
-SQL (building a peewee query cost more than running it). Models hold no network or crypto
-code, and no clock: times are Unix epoch milliseconds passed in by the caller.
+"""peewee models of meshd.db: outbox, sessions, idempotency, events (spec/daemon.md §3); the
+inbox is storage/inbox.py, the address book storage/address_book.py. storage/base.py says how
+models are used.
 """
-from peewee import SQL, BlobField, Case, DatabaseProxy, IntegerField, Model, TextField
+from peewee import SQL, BlobField, IntegerField, TextField
 from playhouse.sqlite_ext import AutoIncrementField
+
+from storage.address_book import AddressBook
+from storage.base import BaseModel, database, delete_batch, execute, placeholders
+from storage.inbox import Inbox
+
+__all__ = ['AddressBook', 'Event', 'Idempotency', 'Inbox', 'MODELS', 'Outbox', 'Session',
+           'database', 'return_free_pages']
 
 OUTBOX_STATUSES = ('pending', 'inflight', 'done', 'dead', 'aborted', 'undelivered')
 FINISHED_STATUSES = ('done', 'dead', 'aborted', 'undelivered')
 RETENTION_MS = 30 * 24 * 3600 * 1000
 EVENT_LOG_KEEP = 10000
-
-database = DatabaseProxy()
-
-
-def _placeholders(values):
-    return ', '.join('?' * len(values))
-
-
-def _execute(sql, params=()):
-    return database.execute_sql(sql, params)
-
-
-def _delete_batch(table, condition, params, limit):
-    """Delete up to `limit` rows of `table` matching `condition`; return how many."""
-    return _execute('DELETE FROM "%s" WHERE rowid IN (SELECT rowid FROM "%s" WHERE %s LIMIT ?)'
-                    % (table, table, condition), list(params) + [limit]).rowcount
-
-
-class BaseModel(Model):
-    class Meta:
-        database = database
-        legacy_table_names = False
 
 
 class Outbox(BaseModel):
@@ -112,17 +92,17 @@ class Outbox(BaseModel):
     @classmethod
     def claim(cls, ids, now, lease_ms):
         """Claim the still-pending rows among `ids` (one UPDATE … RETURNING); their ids."""
-        cursor = _execute(
+        cursor = execute(
             'UPDATE "outbox" SET "status" = \'inflight\', "attempts" = "attempts" + 1, '
             '"next_attempt_at" = ? WHERE "status" = \'pending\' AND "id" IN (%s) RETURNING "id"'
-            % _placeholders(ids), [now + lease_ms] + list(ids))
+            % placeholders(ids), [now + lease_ms] + list(ids))
         return {row[0] for row in cursor.fetchall()}
 
     @classmethod
     def finish(cls, row_id, status, **fields):
         """The outcome of an inflight row (one per message sent)."""
         fields['status'] = status
-        return _execute('UPDATE "outbox" SET %s WHERE "id" = ? AND "status" = \'inflight\''
+        return execute('UPDATE "outbox" SET %s WHERE "id" = ? AND "status" = \'inflight\''
                         % ', '.join('"%s" = ?' % name for name in fields),
                         list(fields.values()) + [row_id]).rowcount
 
@@ -180,177 +160,8 @@ class Outbox(BaseModel):
     @classmethod
     def prune(cls, cutoff, limit):
         """Delete up to `limit` finished rows accepted before `cutoff`; return how many."""
-        return _delete_batch('outbox', '"status" IN (%s) AND "enqueued_at" < ?'
+        return delete_batch('outbox', '"status" IN (%s) AND "enqueued_at" < ?'
                              % ', '.join("'%s'" % s for s in FINISHED_STATUSES), [cutoff], limit)
-
-
-class Inbox(BaseModel):
-    """A received message, one row per (mesh, sender, client_message_id, recipient).
-
-    The sender is part of the key: with the id alone, one member could suppress another's
-    DM by reusing its id (DESIGN.md 6). `e2e` is 1 only when the body opened with
-    crypto_box from the stated sender; any other row is shown as a broadcast.
-    """
-    id = TextField(primary_key=True)
-    client_message_id = TextField()
-    broker_message_id = TextField(null=True)
-    mesh = TextField()
-    topic = TextField(null=True)
-    sender_pubkey = TextField()
-    sender_name = TextField()
-    body = TextField(null=True)
-    meta = TextField(null=True)
-    received_at = IntegerField()
-    reply_to_id = TextField(null=True)
-    seen_at = IntegerField(null=True)
-    recipient_pubkey = TextField()
-    recipient_kind = TextField(null=True)
-    decrypt_failed = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
-    e2e = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
-    # The last hop (spec/agents.md §1): the push's priority, when an MCP bridge wrote a
-    # channel notification for the row, when and how its text provably reached the agent,
-    # and when the not_surfaced warning covered it.
-    priority = TextField(null=True)
-    emitted_at = IntegerField(null=True)
-    surfaced_at = IntegerField(null=True)
-    surfaced_via = TextField(null=True)
-    surface_warned_at = IntegerField(null=True)
-
-    class Meta:
-        table_name = 'inbox'
-
-    @classmethod
-    def in_scope(cls, scope):
-        """The condition restricting rows to a session's scope (spec/daemon.md §8.5).
-
-        `scope` is None (unscoped: every row) or a pair (session pubkey, member pubkey).
-        This is the one chokepoint for session scoping of inbox queries. A row without a
-        recipient ('', a legacy NULL before migration 3) is visible to every session.
-        """
-        if scope is None:
-            return SQL('1 = 1')
-        session_pubkey, member_pubkey = scope
-        return ((cls.recipient_pubkey == '')
-                | (cls.recipient_pubkey == session_pubkey)
-                | (cls.recipient_pubkey == member_pubkey))
-
-    @classmethod
-    def insert_if_new(cls, row):
-        """INSERT OR IGNORE on inbox_dedupe: True for a new row, False for a duplicate."""
-        return _execute('INSERT OR IGNORE INTO "inbox" (%s) VALUES (%s)'
-                        % (', '.join('"%s"' % name for name in row), _placeholders(row)),
-                        list(row.values())).rowcount == 1
-
-    @classmethod
-    def listing(cls, scope, since=None, topic=None, sender=None, mesh=None, unread_only=False,
-                limit=100):
-        """The rows in `scope`, newest first, with the filters of inbox.list."""
-        query = cls.select().where(cls.in_scope(scope))
-        if since is not None:
-            query = query.where(cls.received_at >= since)
-        if topic is not None:
-            query = query.where(cls.topic == topic)
-        if sender is not None:
-            query = query.where(cls.sender_pubkey == sender)
-        if mesh is not None:
-            query = query.where(cls.mesh == mesh)
-        if unread_only:
-            query = query.where(cls.seen_at.is_null())
-        return list(query.order_by(cls.received_at.desc(), cls.id).limit(limit))
-
-    @classmethod
-    def ids_in_scope(cls, ids, scope):
-        return [row.id for row in cls.select(cls.id).where(cls.id.in_(ids) & cls.in_scope(scope))]
-
-    @classmethod
-    def mark_seen(cls, ids, now):
-        """Stamp unseen rows among `ids`; rows already seen keep their first timestamp."""
-        if not ids:
-            return 0
-        return (cls.update(seen_at=now)
-                .where(cls.id.in_(ids) & cls.seen_at.is_null())
-                .execute())
-
-    @classmethod
-    def mark_emitted(cls, ids, now):
-        """Stamp `emitted_at` on rows among `ids` that have none; return how many."""
-        if not ids:
-            return 0
-        return (cls.update(emitted_at=now)
-                .where(cls.id.in_(ids) & cls.emitted_at.is_null())
-                .execute())
-
-    @classmethod
-    def mark_surfaced(cls, ids, now, via):
-        """Stamp rows among `ids` surfaced `via` a path; the first surfacing stays."""
-        if not ids:
-            return 0
-        return (cls.update(surfaced_at=now, surfaced_via=via)
-                .where(cls.id.in_(ids) & cls.surfaced_at.is_null())
-                .execute())
-
-    @classmethod
-    def unemitted(cls, scope, mesh, since, limit):
-        """Rows of `mesh` in `scope` received since `since` that no bridge emitted and no
-        path surfaced, in the order they arrived (what a bridge missed while the daemon was
-        away); rows of one millisecond keep their insertion order (rowid)."""
-        return list(cls.select().where(
-            cls.in_scope(scope) & (cls.mesh == mesh) & (cls.received_at >= since)
-            & cls.emitted_at.is_null() & cls.surfaced_at.is_null())
-            .order_by(cls.received_at, SQL('rowid')).limit(limit))
-
-    @classmethod
-    def due_to_agent(cls, scope, mesh, now, grace, after=None, limit=100, urgent_first=False):
-        """(rows, how many in all) not yet surfaced to the agent, oldest first (`now` rows
-        before the others with `urgent_first`).
-
-        A row a bridge emitted less than `grace` ms ago waits for its channel confirmation.
-        A row is due from its arrival, or from the end of its grace when it was emitted;
-        `after` keeps only rows that became due after that moment.
-        """
-        due_since = Case(None, [(cls.emitted_at.is_null(), cls.received_at)],
-                         cls.emitted_at + grace)
-        condition = (cls.in_scope(scope) & (cls.mesh == mesh) & cls.surfaced_at.is_null()
-                     & (due_since <= now))
-        if after is not None:
-            condition &= due_since > after
-        query = cls.select().where(condition)
-        order = [cls.received_at, SQL('rowid')]
-        if urgent_first:
-            order.insert(0, Case(None, [(cls.priority == 'now', 0)], 1))
-        return list(query.order_by(*order).limit(limit)), query.count()
-
-    @classmethod
-    def overdue(cls, cutoff, limit):
-        """Rows received before `cutoff`, never surfaced and never warned about, oldest first."""
-        return list(cls.select().where(
-            cls.surfaced_at.is_null() & cls.surface_warned_at.is_null()
-            & (cls.received_at < cutoff)).order_by(cls.received_at).limit(limit))
-
-    @classmethod
-    def mark_warned(cls, ids, now):
-        if not ids:
-            return 0
-        return cls.update(surface_warned_at=now).where(cls.id.in_(ids)).execute()
-
-    @classmethod
-    def flush(cls, scope, mesh=None, before=None):
-        """Delete the rows in `scope`, optionally of one mesh and received before `before`."""
-        condition = cls.in_scope(scope)
-        if mesh is not None:
-            condition &= cls.mesh == mesh
-        if before is not None:
-            condition &= cls.received_at < before
-        return cls.delete().where(condition).execute()
-
-    @classmethod
-    def delete_one(cls, row_id, scope):
-        return cls.delete().where((cls.id == row_id) & cls.in_scope(scope)).execute()
-
-    @classmethod
-    def prune(cls, cutoff, limit):
-        """Delete up to `limit` rows received before `cutoff`; return how many."""
-        return _delete_batch('inbox', '"received_at" < ?', [cutoff], limit)
 
 
 class Session(BaseModel):
@@ -410,7 +221,7 @@ class Idempotency(BaseModel):
     def prune(cls, cutoff, limit):
         """Delete up to `limit` keys older than `cutoff` whose row is no longer queued (a
         ttl over 30 days keeps its key taken); return how many."""
-        return _delete_batch('idempotency', '"created_at" < ? AND "outbox_id" NOT IN '
+        return delete_batch('idempotency', '"created_at" < ? AND "outbox_id" NOT IN '
                              '(SELECT "id" FROM "outbox" WHERE "status" IN '
                              '(\'pending\', \'inflight\'))', [cutoff], limit)
 
@@ -432,7 +243,7 @@ class Event(BaseModel):
     @classmethod
     def append(cls, epoch, kind, ts, mesh, recipient_kind, recipient_pubkey, data):
         """Insert one event (in the caller's transaction); return its seq."""
-        return _execute('INSERT INTO "events" ("epoch", "kind", "ts", "mesh", "recipient_kind", '
+        return execute('INSERT INTO "events" ("epoch", "kind", "ts", "mesh", "recipient_kind", '
                         '"recipient_pubkey", "data") VALUES (?, ?, ?, ?, ?, ?, ?)',
                         (epoch, kind, ts, mesh, recipient_kind, recipient_pubkey,
                          data)).lastrowid
@@ -469,10 +280,10 @@ def return_free_pages(pages):
     """Give up to `pages` free pages back to the file system (incremental vacuum); return
     how many it gave. The pragma frees one page per step of its statement, and Python's
     sqlite3 steps a statement without result columns only once: one page per execution."""
-    before = _execute('PRAGMA freelist_count').fetchone()[0]
+    before = execute('PRAGMA freelist_count').fetchone()[0]
     for _ in range(min(before, pages)):
-        _execute('PRAGMA incremental_vacuum(1)')
-    return before - _execute('PRAGMA freelist_count').fetchone()[0]
+        execute('PRAGMA incremental_vacuum(1)')
+    return before - execute('PRAGMA freelist_count').fetchone()[0]
 
 
 # Indexes carry the names of spec/daemon.md §3 so that the migrations and the models agree.
@@ -482,15 +293,7 @@ Outbox.add_index(Outbox.index(Outbox.status, Outbox.aborted_at, name='outbox_abo
 # Migration 2: one link's pending rows in acceptance (rowid) order, read without a sort.
 Outbox.add_index(Outbox.index(Outbox.status, Outbox.mesh, Outbox.sender_session_pubkey,
                               name='outbox_link_queue'))
-Inbox.add_index(Inbox.index(Inbox.received_at, name='inbox_received_at'))
-Inbox.add_index(Inbox.index(Inbox.topic, name='inbox_topic'))
-Inbox.add_index(Inbox.index(Inbox.sender_pubkey, name='inbox_sender'))
-Inbox.add_index(Inbox.index(Inbox.seen_at, name='inbox_seen_at'))
-Inbox.add_index(Inbox.index(Inbox.recipient_pubkey, name='inbox_recipient'))
-Inbox.add_index(Inbox.index(Inbox.mesh, Inbox.sender_pubkey, Inbox.client_message_id,
-                            Inbox.recipient_pubkey, unique=True, name='inbox_dedupe'))
-Inbox.add_index(Inbox.index(Inbox.surfaced_at, Inbox.received_at, name='inbox_unsurfaced'))
 Session.add_index(Session.index(Session.session_id, name='sessions_session_id'))
 Event.add_index(Event.index(Event.recipient_pubkey, name='events_recipient'))
 
-MODELS = [Outbox, Inbox, Session, Idempotency, Event]
+MODELS = [Outbox, Inbox, Session, Idempotency, Event, AddressBook]

@@ -35,7 +35,10 @@ class MessagingCliTest(LinksTestCase):
         self.assertEqual(peers.returncode, 0, peers.stderr)
         keys = {p['pubkey'] for p in json.loads(peers.stdout)}
         self.assertEqual(keys, {self.alice['pubkey'], self.bob['pubkey']})
-        self.assertEqual(json.loads(self.run_cli('peers', '--json').stdout), [])
+        # Members are peers you can message by name (DESIGN.md 17): nothing is hidden.
+        plain = self.run_cli('peers')
+        self.assertIn('● bob · %s… · ' % self.bob['pubkey'][:16], plain.stdout)
+        self.assertIn(' · member', plain.stdout)
 
     def test_send_errors_are_one_clear_message_and_exit_1(self):
         result = self.run_cli('send', 'nobody', 'hi')

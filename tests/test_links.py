@@ -148,7 +148,9 @@ class ResolutionTest(LinksTestCase):
                          ('other', self.bob_other['pubkey']))
 
     def test_ambiguous_and_not_found_and_bad_targets_leave_no_row(self):
-        self.session(self.db, self.bob, 'builder')  # a second builder on team
+        # Two builders of one member are that member (DESIGN.md 17); of two members, ambiguous.
+        carol = self.member('carol')
+        self.session(self.daemon([carol]), carol, 'builder')
         before = self.outbox_count()
         ambiguous = self.error({'to': 'builder', 'message': 'x', 'mesh': 'team'})
         self.assertEqual((ambiguous['data']['code'], ambiguous['data']['kind']),

@@ -115,6 +115,7 @@ def inbox_item(row):
     return {'id': row.id, 'client_message_id': row.client_message_id,
             'broker_message_id': row.broker_message_id, 'mesh': row.mesh, 'topic': row.topic,
             'sender_pubkey': row.sender_pubkey, 'sender_name': row.sender_name,
+            'sender_member_pubkey': row.sender_member_pubkey,
             'body': row.body, 'received_at': iso(row.received_at),
             'reply_to_id': row.reply_to_id, 'seen_at': iso(row.seen_at),
             'recipient_pubkey': row.recipient_pubkey, 'recipient_kind': row.recipient_kind,

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 EXT_VERSION = 1
 # meshd extensions this broker speaks (docs/wire-extensions.md), announced in hello_ack.
-BROKER_EXTENSIONS = ('undelivered',)
+BROKER_EXTENSIONS = ('undelivered', 'presence')
 _STATS_KEYS = ('messagesIn', 'messagesOut', 'toolCalls', 'errors')
 
 
@@ -193,13 +193,27 @@ class Lifecycle(object):
 
     def broadcast_event(self, source, event, data, include_same_member=False):
         frame = protocol.system_push(event, data, source.mesh_id)
+        # meshd extension `presence`: whose session it is, for peers that announced it.
+        detailed = dict(frame, eventData=dict(data, memberPubkey=source.member_pubkey))
         for other in self.presences.live(source.mesh_id):
             if other is source:
                 continue
             if not include_same_member and other.member_id == source.member_id:
                 continue
-            if not other.send(frame):
+            if not other.send(detailed if 'presence' in other.ext else frame):
                 self.on_dead(other)
+
+    def goodbye(self, entry, frame):
+        """meshd extension `presence`: the client ends this presence on purpose (a session
+        whose process exited), so it leaves now instead of after its grace window."""
+        if 'presence' not in entry.ext:
+            return
+        if entry.role == ROLE_MEMBER:
+            self._save_peer_state(entry)
+        self.remove(entry, protocol.CLOSE_NORMAL, 'goodbye')
+        self.broadcast_event(entry, 'peer_left', {'name': entry.display_name,
+                                                  'pubkey': entry.pubkey},
+                             include_same_member=entry.role == ROLE_SESSION)
 
     def go_offline(self, entry, ws):
         """Close path: the entry's socket is gone; keep it offline-leased for the grace window."""

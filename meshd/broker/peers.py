@@ -6,6 +6,7 @@ leave_group. Group names and roles have the limits of a hello's groups.
 from meshd import clock
 from meshd.broker import handshake, protocol
 from meshd.broker.models import Presence, dumps, loads
+from meshd.broker.presence import OFFLINE
 
 _PROFILE_KEYS = ('avatar', 'title', 'bio', 'capabilities')
 
@@ -53,6 +54,8 @@ class PeerVerbs(object):
                 peer['visible'] = live.visible
                 if live.profile:
                     peer['profile'] = live.profile
+                if 'presence' in entry.ext and live.lease == OFFLINE:
+                    peer['grace'] = True    # meshd extension: gone, in its grace window
             peers.append(peer)
         entry.send(protocol.with_req({'type': 'peers_list', 'peers': peers}, frame))
 

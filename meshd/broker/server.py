@@ -157,7 +157,8 @@ class BrokerServer(object):
                                self.hooks.set_status, invite.join_safely)
         self.sockets = set()
         self.verbs = {'client_ack': self.delivery.client_ack,
-                      'meshd_undelivered_ack': self.notices.ack}
+                      'meshd_undelivered_ack': self.notices.ack,
+                      'meshd_goodbye': self.lifecycle.goodbye}
         for group in (PeerVerbs(self.presences, self.store, self.delivery,
                                 self.lifecycle.broadcast_event),
                       ModerationVerbs(self.presences, self.store, self.lifecycle.remove),

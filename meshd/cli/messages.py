@@ -288,30 +288,43 @@ def _send_failed(exc, as_json):
 
 
 @argh.arg('--mesh', default=None, help='only this mesh')
-@argh.arg('--all', default=False, action='store_true', help='also show daemon (control-plane) rows')
+@argh.arg('--all', default=False, action='store_true',
+          help='also list members seen before who are offline now')
 @argh.arg('--json', default=False, action='store_true', help='machine-readable output')
 def peers(*, mesh=None, all=False, json=False):  # noqa: A002 - the flag is --all
     """List the peers of your meshes."""
     paths = Paths()
     params = {'mesh': mesh} if mesh else {}
     result = daemon_client.call(paths, 'peers.list', params)
-    rows = [p for p in result['peers'] if all or p.get('peerRole') != 'control-plane']
+    rows = result['peers']
+    offline = result.get('offline', []) if all else []
     if json:
-        print_json(rows)
+        print_json(rows + offline)
         return
     by_mesh = {}
-    for peer in rows:
+    for peer in rows + offline:
         by_mesh.setdefault(peer['mesh'], []).append(peer)
-    hidden = len(result['peers']) - len(rows)
     for slug in sorted(by_mesh) or ['(none)']:
         group = by_mesh.get(slug, [])
-        print('peers on %s (%d%s)' % (slug, len(group),
-                                      ', %d control-plane hidden — use --all' % hidden
-                                      if hidden else ''))
+        gone = sum(1 for peer in group if peer.get('offline'))
+        print('peers on %s (%d online%s)' % (slug, len(group) - gone,
+                                            ', %d offline' % gone if gone else ''))
         for peer in group:
-            print('● %s · %s… · %s' % (peer.get('displayName'), str(peer.get('pubkey'))[:16],
-                                        peer.get('status')))
+            print(_peer_line(peer))
     for slug in result.get('unreachable', []):
         print('mesh %s: broker unreachable' % slug)
+
+
+def _peer_line(peer):
+    """`● name · key… · status · what it is`: a member (its daemon; a DM to its name lands
+    in that daemon's inbox), a session, or a member last seen offline."""
+    key = '%s…' % str(peer.get('pubkey'))[:16]
+    if peer.get('offline'):
+        return '○ %s · %s · offline, last seen %s' % (peer.get('displayName'), key,
+                                                     peer.get('lastSeenAt'))
+    what = 'member' if peer.get('peerRole') == 'control-plane' else 'session'
+    if peer.get('grace'):
+        what += ', leaving (grace window)'
+    return '● %s · %s · %s · %s' % (peer.get('displayName'), key, peer.get('status'), what)
 
 
