@@ -176,7 +176,9 @@ def start_detached(paths, flags, environ=None):
     the daemon log; return the child. It carries MESHD_NO_AUTOSPAWN=1."""
     files.ensure_private_dir(paths.daemon_dir)
     log_fd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    env = dict(os.environ if environ is None else environ, MESHD_NO_AUTOSPAWN='1')
+    # The daemon rotates this file (meshd/log.py LogRotation) because it knows it writes it.
+    env = dict(os.environ if environ is None else environ, MESHD_NO_AUTOSPAWN='1',
+               MESHD_DETACHED_LOG=paths.log)
     try:
         return subprocess.Popen(entry_command() + ['daemon', 'up', '--foreground'] + flags,
                                 stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,

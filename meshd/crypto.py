@@ -23,6 +23,7 @@ _HEX = {(64, False): re.compile(r'^[0-9a-f]{64}$'), (64, True): re.compile(r'^[0
         (128, False): re.compile(r'^[0-9a-f]{128}$'),
         (128, True): re.compile(r'^[0-9a-fA-F]{128}$')}
 NONCE_BYTES = 24
+BOX_MAC_BYTES = 16       # crypto_box adds a Poly1305 tag to every sealed message
 SESSION_ATTEST_PREFIX = 'claudemesh-session-attest'
 SESSION_HELLO_PREFIX = 'claudemesh-session-hello'
 FINGERPRINT_VERSION = '1'

@@ -26,7 +26,7 @@ from storage.models import Outbox, database
 from storage.store import Store
 
 from meshd import (__version__, api, clock, config as config_mod, container, files,
-                   fingerprint, systemd, timings)
+                   fingerprint, log as meshd_log, systemd, timings)
 from meshd.agent_status import HookStatusReporter
 from meshd.api.agent import AgentMethods
 from meshd.api.daemon_methods import DaemonMethods
@@ -51,6 +51,8 @@ from meshd.sessions import SessionRegistry
 from meshd.surfacing import Surfacing
 
 log = logging.getLogger(__name__)
+
+LOG_ROTATE_CHECK = 60.0     # seconds between two looks at the detached log's size
 
 DEFAULT_TIMINGS = {
     'reaper_interval': 5.0,
@@ -160,6 +162,10 @@ class Daemon:
         token = files.ensure_local_token(self.paths.token)
         tcp_on = self.options.tcp == 'on' or (self.options.tcp == 'auto'
                                               and not container.in_container())
+        if not tcp_on:
+            log.info('tcp_listener_off', extra={'fields': {'reason': (
+                'a container was detected; --tcp turns it on' if self.options.tcp == 'auto'
+                else '--no-tcp or "tcp": "off" in config.json')}})
         self._open_database()
         self.supervisor.spawn('writer', self.store.run_writer)
         recovered = self.store.write(Outbox.recover_inflight, clock.now_ms())
@@ -180,6 +186,9 @@ class Daemon:
         pruner = Pruner(self.store, self.bus)
         self.supervisor.every('prune', lambda: self.timings['prune_interval'], pruner.step)
         self.supervisor.spawn('clock', self.links.watch_clock)
+        if os.environ.get('MESHD_DETACHED_LOG') == self.paths.log:
+            rotation = meshd_log.LogRotation(self.paths.log)
+            self.supervisor.every('log-rotate', LOG_ROTATE_CHECK, rotation.step)
         self.sessions.on_register.append(self._on_session_registered)
         self.sessions.on_deregister.append(self._on_session_deregistered)
         self.sessions.on_deregister.append(self.surfacing.forget)

@@ -11,7 +11,7 @@ here, so there is one StorageError whichever module a caller imports it from.
 from storage.errors import SchemaTooNewError, StorageError
 
 __all__ = ['AdminError', 'ClaudeConfigError', 'CommandFailed', 'ConfigError', 'ControlError', 'DaemonExit',
-           'DaemonExited', 'InviteError', 'LaunchError', 'MembershipError', 'MeshdError',
+           'DaemonExited', 'InviteError', 'LaunchError', 'MalformedInvite', 'MembershipError', 'MeshdError',
            'QuickstartError', 'SchemaTooNewError', 'SpawnTimeout', 'StopTimeout', 'StorageError', 'UsageError']
 
 USAGE, RUNTIME = 2, 1
@@ -41,7 +41,12 @@ class CommandFailed(MeshdError):
 
 
 class InviteError(MeshdError):
-    """An invite link is malformed, expired or exhausted."""
+    """An invite cannot be used: expired, exhausted, refused by its broker."""
+
+
+class MalformedInvite(InviteError):
+    """What was given is not an invite link: a usage error."""
+    exit_code = USAGE
 
 
 class MembershipError(MeshdError):

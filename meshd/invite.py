@@ -16,7 +16,7 @@ import urllib.parse
 import urllib.request
 
 from meshd import crypto
-from meshd.exceptions import InviteError
+from meshd.exceptions import InviteError, MalformedInvite
 
 JOIN_TIMEOUT = 10
 RAW_TOKEN = re.compile(r'^[A-Za-z0-9_-]{21,}={0,2}$')
@@ -37,12 +37,12 @@ def _token_from_link(link):
         match = re.search(r'/i/([A-Za-z0-9]+)/?$', parsed.path)
         if match:
             return _resolve_code(parsed.netloc, match.group(1))
-        raise InviteError('not an invite link: %s' % link)
+        raise MalformedInvite('not an invite link: %s' % link)
     if RAW_TOKEN.match(link):
         return link
     if re.match(r'^[A-Za-z0-9]{6,16}$', link):
-        raise InviteError('v2 invites are not supported; ask for an ic://join/ link')
-    raise InviteError('not an invite link (expected ic://join/<token>)')
+        raise MalformedInvite('v2 invites are not supported; ask for an ic://join/ link')
+    raise MalformedInvite('not an invite link (expected ic://join/<token>)')
 
 
 def _resolve_code(host, code, timeout=JOIN_TIMEOUT):
@@ -69,21 +69,21 @@ def parse_invite(link, now=None):
     try:
         payload = json.loads(crypto.b64url_decode(token).decode('utf-8'))
     except (ValueError, UnicodeDecodeError):
-        raise InviteError('invite token is not valid base64url JSON')
+        raise MalformedInvite('invite token is not valid base64url JSON')
     if not isinstance(payload, dict):
-        raise InviteError('invite token is not a JSON object')
+        raise MalformedInvite('invite token is not a JSON object')
     if payload.get('v') != 1:
-        raise InviteError('unsupported invite version: %r (only v1 links are supported)'
+        raise MalformedInvite('unsupported invite version: %r (only v1 links are supported)'
                           % payload.get('v'))
     missing = [k for k in PAYLOAD_KEYS if payload.get(k) in (None, '')]
     if missing:
-        raise InviteError('invite is missing %s' % ', '.join(missing))
+        raise MalformedInvite('invite is missing %s' % ', '.join(missing))
     if not crypto.is_hex64(payload['owner_pubkey'], any_case=True):
-        raise InviteError('invite owner_pubkey is not 64 hex characters')
+        raise MalformedInvite('invite owner_pubkey is not 64 hex characters')
     if not crypto.is_hex128(payload['signature'], any_case=True):
-        raise InviteError('invite signature is not 128 hex characters')
+        raise MalformedInvite('invite signature is not 128 hex characters')
     if crypto.js_integer(payload['expires_at']) is None:
-        raise InviteError('invite expires_at is not an integer')
+        raise MalformedInvite('invite expires_at is not an integer')
     now = time.time() if now is None else now
     if payload['expires_at'] < int(now):
         raise InviteError('invite expired on %s' % datetime.datetime.fromtimestamp(
@@ -93,7 +93,7 @@ def parse_invite(link, now=None):
         raise InviteError('invite signature does not verify')
     broker_url = payload['broker_url']
     if not re.match(r'^wss?://', str(broker_url)):
-        raise InviteError('invite broker_url is not a ws:// or wss:// URL')
+        raise MalformedInvite('invite broker_url is not a ws:// or wss:// URL')
     return {'token': token, 'payload': payload, 'mesh_id': payload['mesh_id'],
             'mesh_slug': payload['mesh_slug'], 'broker_url': broker_url,
             'root_key': payload['mesh_root_key'], 'role': payload['role'],

@@ -30,6 +30,12 @@ def join(paths, link, display_name=None):
     """
     config = config_mod.load_config(paths.config)
     invite = invite_mod.parse_invite(link)
+    joined = [m for m in config['meshes'] if m.get('meshId') == invite['mesh_id']
+              or m.get('slug') == invite['mesh_slug']]
+    if joined:
+        # Before the broker is asked: enrolling again would spend the invite for nothing.
+        raise MembershipError('already joined mesh "%s" (`meshd leave %s` first to join it '
+                              'again)' % (joined[0]['slug'], joined[0]['slug']))
     warnings = []
     if invite_mod.is_insecure_remote(invite['broker_url']):
         warnings.append('warning: %s is unencrypted ws:// to a remote host; use wss:// (TLS) '

@@ -5,6 +5,7 @@ a `meshd broker` on SQLite on a free loopback port, a mesh with `alice` and `bob
 through real invites, one daemon for each, a DM from alice to bob shown as it arrives, and
 socat one-liners to go on by hand. Ctrl-C stops everything it started.
 """
+import fcntl
 import json
 import os
 import shutil
@@ -167,6 +168,7 @@ class Quickstart:
 def main(entry, home, wait=True, out=print):
     """Run the quickstart; block until SIGINT/SIGTERM when `wait`. A failed step raises
     CommandFailed once everything started is stopped again."""
+    lock = _hold_lock(home)     # a second run would wipe the first one's sandbox under it
     quickstart = Quickstart(entry, os.path.join(home, 'quickstart'), out)
     stop = {'signal': None}
 
@@ -187,3 +189,22 @@ def main(entry, home, wait=True, out=print):
     finally:
         out('stopping…')
         quickstart.stop()
+        os.close(lock)
+
+
+def _hold_lock(home):
+    """An flock on <home>/quickstart.lock for this run; CommandFailed when another run holds
+    it (the lock ends with the process, so a killed run never blocks the next)."""
+    files.ensure_private_dir(home)
+    path = os.path.join(home, 'quickstart.lock')
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = (os.read(fd, 32).decode('ascii', 'replace').strip() or '?')
+        os.close(fd)
+        raise CommandFailed('✘ quickstart: another quickstart runs on %s (pid %s); stop it '
+                            '(Ctrl-C) first' % (home, holder))
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode('ascii'))
+    return fd

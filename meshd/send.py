@@ -82,12 +82,14 @@ class Sender:
                 nonce, ciphertext = crypto.encode_plain(body)
         except Exception as exc:
             raise RpcError.of(UPSTREAM_ERROR, 'route_failed', 'route_failed', detail=str(exc))
-        length = wire.frame_length(wire.send_frame(cmid, fingerprint, resolution.target,
-                                                   priority, nonce, ciphertext))
-        if length > wire.FRAME_LIMIT:
+        frame = wire.send_frame(cmid, fingerprint, resolution.target, priority, nonce,
+                                ciphertext)
+        if wire.frame_length(frame) > wire.FRAME_LIMIT:
+            largest = wire.largest_message(frame, resolution.is_dm)
             raise RpcError.of(INVALID_REQUEST, 'payload_too_large',
-                              'message too large: the frame would be %d bytes > %d'
-                              % (length, wire.FRAME_LIMIT))
+                              "message too large: {:,} bytes; this mesh's broker takes at most "
+                              "about {:,}".format(len(body), largest // 100 * 100),
+                              message_bytes=len(body), max_message_bytes=largest)
         now = clock.now_ms()
         ttl_s = ttl or self.timings['outbox_ttl']
         expires_at = now + int(ttl_s * 1000)

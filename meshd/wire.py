@@ -21,3 +21,10 @@ def send_frame(client_message_id, fingerprint, target, priority, nonce, cipherte
 def frame_length(frame):
     """The bytes `frame` takes on the wire (compact UTF-8 JSON)."""
     return len(crypto.compact_json(frame).encode('utf-8'))
+
+
+def largest_message(frame, is_dm):
+    """The most message bytes a frame like `frame` (same target, id and priority) can carry
+    within FRAME_LIMIT: the ciphertext is base64, and a sealed DM adds a 16-byte MAC."""
+    room = FRAME_LIMIT - frame_length(dict(frame, ciphertext=''))
+    return max(0, room // 4 * 3 - (crypto.BOX_MAC_BYTES if is_dm else 0))

@@ -40,13 +40,13 @@ class MessagingCliTest(LinksTestCase):
         self.assertIn('● bob · %s… · ' % self.bob['pubkey'][:16], plain.stdout)
         self.assertIn(' · member', plain.stdout)
 
-    def test_send_errors_are_one_clear_message_and_exit_1(self):
+    def test_send_errors_are_one_clear_message_with_their_exit_code(self):
         result = self.run_cli('send', 'nobody', 'hi')
         self.assertEqual(result.returncode, 1)
         self.assertIn('No peer matches "nobody" on any joined mesh', result.stderr)
         self.assertNotIn('Traceback', result.stderr)
         result = self.run_cli('send', '#general', 'hi')
-        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.returncode, 2)      # a target meshd cannot take: usage
         self.assertIn('#topics are not supported', result.stderr)
 
     def test_launch_runs_the_child_as_a_session_and_deregisters_it(self):
@@ -76,7 +76,7 @@ class MessagingCliTest(LinksTestCase):
     def test_join_with_a_bad_invite_is_one_line(self):
         for link in ('ic://join/not-base64!', 'hello'):
             result = self.run_cli('join', link)
-            self.assertEqual(result.returncode, 1)
+            self.assertEqual(result.returncode, 2)      # not an invite: a usage error
             self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
             self.assertTrue(result.stderr.startswith('✘ join failed: '), result.stderr)
 
@@ -129,6 +129,11 @@ class QuickstartTest(LinksTestCase):
                         timeout=2 * DEADLINE, what='quickstart to be running')
         self.assertIn('bob received it: "hello bob, from alice"', text)
         self.assertIn('socat -t 86400 - UNIX-CONNECT:', text)
+        second = self.run_cli('quickstart', home=home)       # the first one's sandbox stays
+        self.assertEqual(second.returncode, 1)
+        self.assertEqual(len(second.stderr.strip().splitlines()), 1, second.stderr)
+        self.assertIn('another quickstart runs on %s (pid %d)' % (home, proc.pid), second.stderr)
+        self.assertIsNone(proc.poll())
         pids = [int(open(os.path.join(home, 'quickstart', name, 'daemon', 'meshd.pid')).read())
                 for name in ('alice', 'bob')]
         proc.send_signal(signal.SIGINT)

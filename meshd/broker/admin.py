@@ -6,6 +6,7 @@ broker reads mesh, member and invite rows at every hello and /join, so changes a
 """
 import json
 import os
+import pwd
 import re
 import time
 
@@ -28,8 +29,15 @@ def check_owner(url):
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if probe and os.stat(probe).st_uid != os.geteuid():
-        raise AdminError('%s belongs to uid %d; run broker-admin as that user'
-                         % (probe, os.stat(probe).st_uid))
+        raise AdminError('%s belongs to %s; run broker-admin as that user (e.g. sudo -u %s)'
+                         % (probe, _user(os.stat(probe).st_uid), _user(os.stat(probe).st_uid)))
+
+
+def _user(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return 'uid %d' % uid
 
 
 def slugify(name):

@@ -1,6 +1,6 @@
 """argh commands of `meshd broker` and `meshd broker-admin` (DESIGN.md 21, spec/wire.md §11.6–§11.7).
 
-Plain functions with keyword-only options, every option declared with `@argh.arg`, so they read
+Plain functions with keyword-only options, every option declared with `@arg` (meshd/argh_compat.py), so they read
 the same under argh 0.26 and 0.31; they parse, call, print, and nothing else.
 `meshd/cli/__init__.py` registers `broker` as a command and ADMIN_COMMANDS as the `broker-admin`
 group.
@@ -13,6 +13,8 @@ import os
 import sys
 
 import argh
+
+from meshd.argh_compat import arg
 
 from meshd.broker import admin as admin_ops
 from meshd.broker import store as broker_store
@@ -41,22 +43,22 @@ def _default_listen():
     return '127.0.0.1:%s' % port if port else '127.0.0.1:7900'
 
 
-@argh.arg('--listen', help='HOST:PORT to bind (default 127.0.0.1:7900, or $BROKER_PORT)')
-@argh.arg('--db', help='database path, sqlite:///path or postgresql://… (default $MESHD_BROKER_DB '
+@arg('--listen', help='HOST:PORT to bind (default 127.0.0.1:7900, or $BROKER_PORT)')
+@arg('--db', help='database path, sqlite:///path or postgresql://… (default $MESHD_BROKER_DB '
                        'or ~/.meshd/broker/broker.db)')
-@argh.arg('--rate-limit', help='per-member send limit BURST:PER_MIN, or off (default 60:600)')
-@argh.arg('--dm-ttl', help='how long a DM waits for an offline recipient: <n>d, <n>h, <n>m or '
+@arg('--rate-limit', help='per-member send limit BURST:PER_MIN, or off (default 60:600)')
+@arg('--dm-ttl', help='how long a DM waits for an offline recipient: <n>d, <n>h, <n>m or '
                            'seconds (default 7d)')
-@argh.arg('--max-message-bytes', help='soft frame limit answered with an error (default 65536)')
-@argh.arg('--max-frame-bytes', help='hard frame limit, closed with 1009 (default 1048576)')
-@argh.arg('--max-connections-per-mesh', help='presences per mesh (default 100)')
-@argh.arg('--max-connections', help='WebSocket connections in all (default 1024); /health is '
+@arg('--max-message-bytes', help='soft frame limit answered with an error (default 65536)')
+@arg('--max-frame-bytes', help='hard frame limit, closed with 1009 (default 1048576)')
+@arg('--max-connections-per-mesh', help='presences per mesh (default 100)')
+@arg('--max-connections', help='WebSocket connections in all (default 1024); /health is '
                                     'answered beyond it')
-@argh.arg('--per-address-limit', help='connections one address may hold before saying hello '
+@arg('--per-address-limit', help='connections one address may hold before saying hello '
                                       '(default 16)')
-@argh.arg('--hello-timeout', help='seconds a WebSocket may take to say hello (default 10)')
-@argh.arg('--trusted-proxy', help='ADDR[,ADDR…] of reverse proxies whose X-Forwarded-For is '
-                                  'believed (default: none)')
+@arg('--hello-timeout', help='seconds a WebSocket may take to say hello (default 10)')
+@arg('--trusted-proxy', help='ADDR[,ADDR…] of reverse proxies whose X-Forwarded-For is '
+                                  'believed (none by default)')
 def broker(*, listen=None, db=None, rate_limit='60:600', dm_ttl='7d', max_message_bytes=None,
            max_frame_bytes=None, max_connections_per_mesh=None, max_connections=None,
            per_address_limit=None, hello_timeout=None, trusted_proxy=None):
@@ -106,25 +108,25 @@ def _print(result):
     sys.stdout.write(json.dumps(result, separators=(',', ':'), ensure_ascii=False) + '\n')
 
 
-@argh.arg('--name', help='mesh name')
-@argh.arg('--slug', help='mesh slug (default: derived from the name)')
-@argh.arg('--admin-pubkey', help='Ed25519 pubkey (64 hex) of an admin member to create')
-@argh.arg('--admin-name', help='display name of that admin member (default <name>-owner)')
-@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+@arg('--name', help='mesh name')
+@arg('--slug', help='mesh slug (default: derived from the name)')
+@arg('--admin-pubkey', help='Ed25519 pubkey (64 hex) of an admin member to create')
+@arg('--admin-name', help='display name of that admin member (default <name>-owner)')
+@arg('--db', help='broker database (default $MESHD_BROKER_DB)')
 def create_mesh(*, name=None, slug=None, admin_pubkey=None, admin_name=None, db=None):
     """Create a mesh with a fresh owner keypair and root key."""
     _print(_admin(db, admin_ops.create_mesh, name, slug=slug, admin_pubkey=admin_pubkey,
                   admin_name=admin_name))
 
 
-@argh.arg('--mesh', help='mesh slug or id')
-@argh.arg('--pubkey', help='the member\'s Ed25519 pubkey (64 hex)')
-@argh.arg('--name', help='display name')
-@argh.arg('--role', help='member or admin (default member)')
-@argh.arg('--role-tag', help='role tag shown to peers')
-@argh.arg('--groups', help='default groups G[:ROLE],…')
-@argh.arg('--broker-url', help='broker URL to echo into the output')
-@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+@arg('--mesh', help='mesh slug or id')
+@arg('--pubkey', help='the member\'s Ed25519 pubkey (64 hex)')
+@arg('--name', help='display name')
+@arg('--role', help='member or admin (default member)')
+@arg('--role-tag', help='role tag shown to peers')
+@arg('--groups', help='default groups G[:ROLE],…')
+@arg('--broker-url', help='broker URL to echo into the output')
+@arg('--db', help='broker database (default $MESHD_BROKER_DB)')
 def add_member(*, mesh=None, pubkey=None, name=None, role='member', role_tag=None, groups=None,
                broker_url=None, db=None):
     """Register an existing Ed25519 pubkey as a member of a mesh."""
@@ -134,18 +136,18 @@ def add_member(*, mesh=None, pubkey=None, name=None, role='member', role_tag=Non
                   groups=groups, broker_url=broker_url))
 
 
-@argh.arg('--mesh', help='mesh slug or id')
-@argh.arg('--broker-url', help='ws:// or wss:// URL ending in /ws (default $MESHD_BROKER_URL)')
-@argh.arg('--role', help='member or admin (default member)')
-@argh.arg('--expires', help='lifetime: <n>d, <n>h, <n>m or seconds (default 7d)')
-@argh.arg('--max-uses', help='how many joins the link allows (default 1)')
-@argh.arg('--name', help='display name preset for the joiner')
-@argh.arg('--role-tag', help='role tag preset')
-@argh.arg('--groups', help='groups preset G[:ROLE],…')
-@argh.arg('--code', help='also mint an 8-character invite code', action='store_true', default=False)
-@argh.arg('--json', help='print a JSON object instead of the bare link', action='store_true',
+@arg('--mesh', help='mesh slug or id')
+@arg('--broker-url', help='ws:// or wss:// URL ending in /ws (default $MESHD_BROKER_URL)')
+@arg('--role', help='member or admin (default member)')
+@arg('--expires', help='lifetime: <n>d, <n>h, <n>m or seconds (default 7d)')
+@arg('--max-uses', help='how many joins the link allows (default 1)')
+@arg('--name', help='display name preset for the joiner')
+@arg('--role-tag', help='role tag preset')
+@arg('--groups', help='groups preset G[:ROLE],…')
+@arg('--code', help='also mint an 8-character invite code', action='store_true', default=False)
+@arg('--json', help='print a JSON object instead of the bare link', action='store_true',
           default=False)
-@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+@arg('--db', help='broker database (default $MESHD_BROKER_DB)')
 def invite(*, mesh=None, broker_url=None, role='member', expires='7d', max_uses=1, name=None,
            role_tag=None, groups=None, code=False, json=False, db=None):
     """Mint a v1 ic://join/ invite link."""
@@ -167,16 +169,36 @@ def invite(*, mesh=None, broker_url=None, role='member', expires='7d', max_uses=
 
 
 @argh.named('list')
-@argh.arg('--mesh', help='list the members of this mesh instead of the meshes')
-@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
-def list_meshes(*, mesh=None, db=None):
+@arg('--mesh', help='list the members of this mesh instead of the meshes')
+@arg('--json', help='print the JSON object instead of a table', action='store_true',
+     default=False)
+@arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+def list_meshes(*, mesh=None, json=False, db=None):
     """List meshes, or the members of one mesh."""
-    _print(_admin(db, admin_ops.list_, mesh))
+    result = _admin(db, admin_ops.list_, mesh)
+    if json:
+        _print(result)
+    elif 'meshes' in result:
+        _table(['slug', 'name', 'members', 'owner key'],
+               [[m['slug'], m['name'], m['members'], m['owner_pubkey'][:16] + '…']
+                for m in result['meshes']])
+    else:
+        _table(['name', 'role', 'key', 'state'],
+               [[m['display_name'], m['role'], m['pubkey'], 'revoked' if m['revoked']
+                 else 'active'] for m in result['members']])
 
 
-@argh.arg('--mesh', help='mesh slug or id')
-@argh.arg('--member', help='member pubkey or id')
-@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+def _table(headers, rows):
+    """Columns padded to their widest cell, a header line first."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    for row in [headers] + rows:
+        sys.stdout.write('  '.join(str(cell).ljust(width)
+                                   for cell, width in zip(row, widths)).rstrip() + '\n')
+
+
+@arg('--mesh', help='mesh slug or id')
+@arg('--member', help='member pubkey or id')
+@arg('--db', help='broker database (default $MESHD_BROKER_DB)')
 def revoke_member(*, mesh=None, member=None, db=None):
     """Revoke a member (a running broker closes its sockets with 4002 within one sweep)."""
     if not mesh or not member:
@@ -184,11 +206,11 @@ def revoke_member(*, mesh=None, member=None, db=None):
     _print(_admin(db, admin_ops.revoke_member, mesh, member))
 
 
-@argh.arg('--mesh', help='mesh slug or id')
-@argh.arg('--member', help='the recipient member (pubkey or id) whose grants change')
-@argh.arg('--sender', help='the sender pubkey the grant is about')
-@argh.arg('--caps', help='dm,broadcast,… or none (block) or default (remove the entry)')
-@argh.arg('--db', help='broker database (default $MESHD_BROKER_DB)')
+@arg('--mesh', help='mesh slug or id')
+@arg('--member', help='the recipient member (pubkey or id) whose grants change')
+@arg('--sender', help='the sender pubkey the grant is about')
+@arg('--caps', help='dm,broadcast,… or none (block) or default (remove the entry)')
+@arg('--db', help='broker database (default $MESHD_BROKER_DB)')
 def grant(*, mesh=None, member=None, sender=None, caps=None, db=None):
     """Edit a member's per-sender grants."""
     if not mesh or not member or not sender or not caps:

@@ -8,27 +8,37 @@ stderr and exits with its `exit_code` — 2 for usage, 1 for run time — never 
 from gevent import monkey; monkey.patch_all()  # noqa: E702 - before every other import
 
 import os
+import signal
 import sys
 
 import argh
 
 from meshd import __version__, log as meshd_log
-from meshd.argh_compat import add_group
-from meshd.exceptions import MeshdError, StorageError
+from meshd.argh_compat import HELP_FORMAT, add_commands, add_group
+from meshd.exceptions import USAGE, MeshdError, StorageError
 
 __all__ = ['build_parser', 'main']
 
 
+class Parser(argh.ArghParser):
+    """argparse's parser, but a usage error is one line (and exit 2), like every error."""
+
+    def error(self, message):
+        self.exit(USAGE, '%s: error: %s (see %s --help)\n' % (self.prog, message, self.prog))
+
+
 def build_parser():
     from meshd.broker import cli as broker_cli
-    from meshd.cli import claude_commands, daemon_commands, meshes, messages, service_commands
-    parser = argh.ArghParser(prog='meshd', description='meshd: messages between agent '
-                             'sessions across machines, through a claudemesh-protocol broker.')
+    from meshd.cli import (claude_commands, daemon_commands, meshes, messages, service_commands,
+                           shell)
+    parser = Parser(prog='meshd', description='meshd: messages between agent sessions across '
+                    'machines, through a claudemesh-protocol broker.', **HELP_FORMAT)
     parser.add_argument('--version', action='version', version='meshd %s' % __version__)
-    parser.add_commands([daemon_commands.quickstart, messages.send, messages.peers,
-                         messages.inbox, messages.outbox, messages.sessions, messages.call,
-                         meshes.join, meshes.leave, meshes.import_claudemesh, meshes.launch,
-                         broker_cli.broker] + claude_commands.COMMANDS)
+    add_commands(parser, [daemon_commands.quickstart, messages.send, messages.peers,
+                          messages.inbox, messages.outbox, messages.sessions, messages.call,
+                          meshes.whoami, meshes.join, meshes.leave, meshes.import_claudemesh,
+                          meshes.launch,
+                          broker_cli.broker] + claude_commands.COMMANDS + shell.COMMANDS)
     add_group(parser, 'daemon', daemon_commands.COMMANDS + [service_commands.install_service],
               'run and control the daemon')
     add_group(parser, 'broker-admin', broker_cli.ADMIN_COMMANDS,
@@ -43,11 +53,25 @@ def main(argv=None):
     parser = build_parser()
     try:
         parser.dispatch(argv=argv)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        _reader_went_away()
     except (MeshdError, StorageError) as exc:
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _reader_went_away()
         text = str(exc)
         if text:
             print(text, file=sys.stderr, flush=True)
         sys.exit(getattr(exc, 'exit_code', 1))
+
+
+def _reader_went_away():
+    """stdout was closed (`meshd inbox --json | head -1`): end quietly, as Unix tools do
+    when SIGPIPE ends them, and keep Python from failing again on its final flush."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os._exit(128 + signal.SIGPIPE)

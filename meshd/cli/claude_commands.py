@@ -3,7 +3,7 @@ hop into Claude Code (meshd/claude/)."""
 import os
 import sys
 
-import argh
+from meshd.argh_compat import arg
 
 from meshd import control
 from meshd.cli.output import print_json
@@ -12,7 +12,7 @@ from meshd.paths import Paths
 MANIFEST = 'claude-install.json'
 
 
-@argh.arg('--mesh', default=None,
+@arg('--mesh', default=None,
           help='the mesh of the session this server registers (default: $MESHD_MESH, or the '
                'only joined mesh)')
 def mcp(*, mesh=None):
@@ -21,7 +21,7 @@ def mcp(*, mesh=None):
     sys.exit(mcp_server.run(mesh=mesh))
 
 
-@argh.arg('event', help='SessionStart, UserPromptSubmit, PostToolUse or Stop')
+@arg('event', help='SessionStart, UserPromptSubmit, PostToolUse or Stop')
 def hook(event):
     """Run by Claude Code at a hook event: hand this session's messages to the agent."""
     from meshd.claude import hook as hook_mod
@@ -49,10 +49,10 @@ def _print_report(report, as_json):
         print('(dry run: nothing was written)')
 
 
-@argh.arg('--project', default=None,
+@arg('--project', default=None,
           help='write the project-scoped files of this directory (.mcp.json, .claude/)')
-@argh.arg('--dry-run', default=False, action='store_true', help='print the changes only')
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--dry-run', default=False, action='store_true', help='print the changes only')
+@arg('--json', default=False, action='store_true', help='machine-readable output')
 def install_claude(*, project=None, dry_run=False, json=False):
     """Make Claude Code run meshd's MCP server and hooks, and give it the meshd skill."""
     from meshd.claude import install
@@ -65,9 +65,9 @@ def install_claude(*, project=None, dry_run=False, json=False):
         print('done: new Claude Code sessions hear mesh messages (restart running ones).')
 
 
-@argh.arg('--project', default=None, help='the project directory install-claude wrote to')
-@argh.arg('--dry-run', default=False, action='store_true', help='print the changes only')
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--project', default=None, help='the project directory install-claude wrote to')
+@arg('--dry-run', default=False, action='store_true', help='print the changes only')
+@arg('--json', default=False, action='store_true', help='machine-readable output')
 def uninstall_claude(*, project=None, dry_run=False, json=False):
     """Remove exactly what install-claude added to Claude Code's configuration."""
     from meshd.claude import install

@@ -6,11 +6,18 @@ import sys
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
 from meshd import config as config_mod, control, crypto, files
+from meshd.cli.output import invoked_as
 from meshd.exceptions import CommandFailed, ConfigError
 
 
-def unreachable(exc, paths):
-    return CommandFailed('✘ daemon not reachable — %s (check %s)' % (exc, paths.log))
+def unreachable(exc, paths, state=None):
+    """The failure to reach the daemon, with a hint that names something that exists."""
+    if os.path.exists(paths.log):
+        hint = 'check %s' % paths.log
+    else:
+        hint = 'start it with `%s daemon up`' % invoked_as()
+    return CommandFailed('✘ daemon not reachable — %s%s (%s)'
+                         % ('%s: ' % state if state else '', exc, hint))
 
 
 def connect(paths, timeout=5.0, spawn=True):
@@ -21,8 +28,7 @@ def connect(paths, timeout=5.0, spawn=True):
     elif state == 'busy':
         raise CommandFailed('✘ daemon busy — %s' % detail)
     elif state != 'up':
-        raise CommandFailed('✘ daemon not reachable — %s: %s (check %s)'
-                            % (state, detail, paths.log))
+        raise unreachable(detail, paths, state)
     try:
         return RpcClient(socket_path=paths.socket, timeout=timeout).connect()
     except RpcConnectionError as exc:
@@ -52,9 +58,9 @@ def attach(client):
         return False  # no_session: the command goes on session-less (spec/daemon.md §10.1)
 
 
-def call(paths, method, params=None, timeout=5.0):
+def call(paths, method, params=None, timeout=5.0, spawn=True):
     """Call one method as the caller's session; its result."""
-    client = connect(paths, timeout)
+    client = connect(paths, timeout, spawn=spawn)
     try:
         attach(client)
         return client.call(method, params)

@@ -2,28 +2,28 @@
 import os
 import sys
 
-import argh
+from meshd.argh_compat import arg
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
 from meshd import config as config_mod, control, files, fingerprint, log as meshd_log
 from meshd.cli.daemon_client import load_config
-from meshd.cli.output import print_json, report
+from meshd.cli.output import invoked_as, print_json, report
 from meshd.exceptions import CommandFailed, DaemonExited, SpawnTimeout, StopTimeout, UsageError
 from meshd.paths import Paths
 
 
-@argh.arg('--foreground', default=False, action='store_true',
+@arg('--foreground', default=False, action='store_true',
           help='run in this process (for service managers and tests)')
-@argh.arg('--tcp', default=False, action='store_true', help='force the TCP listener on')
-@argh.arg('--no-tcp', default=False, action='store_true', help='turn the TCP listener off')
-@argh.arg('--tcp-port', default=None, type=int, help='TCP port on 127.0.0.1 (0 = a free port)')
-@argh.arg('--clone-policy', default=None, choices=config_mod.CLONE_POLICIES,
+@arg('--tcp', default=False, action='store_true', help='force the TCP listener on')
+@arg('--no-tcp', default=False, action='store_true', help='turn the TCP listener off')
+@arg('--tcp-port', default=None, type=int, help='TCP port on 127.0.0.1 (0 = a free port)')
+@arg('--clone-policy', default=None, choices=config_mod.CLONE_POLICIES,
           help='on a host fingerprint mismatch: refuse (default), warn or allow')
-@argh.arg('--durability', default=None, choices=config_mod.DURABILITIES,
+@arg('--durability', default=None, choices=config_mod.DURABILITIES,
           help='full (default) or normal: trade the last commits on power loss for speed')
-@argh.arg('--public-health', default=False, action='store_true',
+@arg('--public-health', default=False, action='store_true',
           help='answer daemon.health on TCP without auth (for a local health probe)')
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--json', default=False, action='store_true', help='machine-readable output')
 def up(*, foreground=False, tcp=False, no_tcp=False, tcp_port=None, clone_policy=None,
        durability=None, public_health=False, json=False):
     """Start the daemon (detached unless --foreground); returns once its socket answers."""
@@ -75,11 +75,11 @@ def _start_detached(paths, flags, as_json):
                'daemon already running (pid %s)' % started['pid'])
         return
     report(as_json, {'ok': True, 'detached': True, 'pid': started['pid'], 'log': paths.log},
-           '✔ daemon started (pid %d)\n→ log: %s\n→ stop: meshd daemon down'
-           % (started['pid'], paths.log))
+           '✔ daemon started (pid %d)\n→ log: %s\n→ stop: %s daemon down'
+           % (started['pid'], paths.log, invoked_as()))
 
 
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--json', default=False, action='store_true', help='machine-readable output')
 def down(*, json=False):
     """Stop the daemon: SIGTERM, then wait for the process to exit."""
     paths = Paths()
@@ -95,7 +95,7 @@ def down(*, json=False):
         report(json, {'stopped': True, 'pid': pid}, 'daemon: stopped (was pid %d)' % pid)
 
 
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--json', default=False, action='store_true', help='machine-readable output')
 def status(*, json=False):
     """Show whether the daemon runs, its version and its health."""
     paths = Paths()
@@ -122,7 +122,7 @@ def status(*, json=False):
         print('mesh %s: %s (%s)' % (slug, link.get('status'), link.get('state')))
 
 
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--json', default=False, action='store_true', help='machine-readable output')
 def accept_host(*, json=False):
     """Write a fresh host fingerprint (after moving the daemon directory to a new host)."""
     paths = Paths()

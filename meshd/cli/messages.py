@@ -3,13 +3,13 @@
 import json
 import sys
 
-import argh
+from meshd.argh_compat import arg
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
 from meshd import config as config_mod, files
 from meshd.cli import daemon_client
 from meshd.cli.output import print_json, seconds_text
-from meshd.exceptions import CommandFailed, UsageError
+from meshd.exceptions import RUNTIME, USAGE, CommandFailed, UsageError
 from meshd.paths import Paths
 
 OUTBOX_STATUS_FLAGS = (('pending', 'pending'), ('inflight', 'inflight'), ('done', 'done'),
@@ -17,19 +17,21 @@ OUTBOX_STATUS_FLAGS = (('pending', 'pending'), ('inflight', 'inflight'), ('done'
                        ('undelivered', 'undelivered'))
 
 
-@argh.arg('method', help='the JSON-RPC method, e.g. daemon.health (see rpc.list)')
-@argh.arg('params', nargs='?', default=None, help='a JSON object of parameters')
-@argh.arg('--tcp', default=False, action='store_true',
+@arg('method', help='the JSON-RPC method, e.g. daemon.health (see rpc.list)')
+@arg('params', nargs='?', default=None, help='a JSON object of parameters; - reads it from stdin')
+@arg('--tcp', default=False, action='store_true',
           help='go through the TCP listener and authenticate with the local token')
-@argh.arg('--tcp-port', default=config_mod.DEFAULT_TCP_PORT, type=int, help='TCP port')
-@argh.arg('--no-session', default=False, action='store_true',
+@arg('--tcp-port', default=config_mod.DEFAULT_TCP_PORT, type=int, help='TCP port')
+@arg('--no-session', default=False, action='store_true',
           help='do not attach the session of MESHD_SESSION_TOKEN_FILE')
-@argh.arg('--timeout', default=5.0, type=float, help='seconds to wait for one answer')
-@argh.arg('--no-spawn', default=False, action='store_true',
+@arg('--timeout', default=5.0, type=float, help='seconds to wait for one answer')
+@arg('--no-spawn', default=False, action='store_true',
           help='do not start the daemon when it is not running')
 def call(method, params, *, tcp=False, tcp_port=config_mod.DEFAULT_TCP_PORT, no_session=False,
          timeout=5.0, no_spawn=False):
     """Send one raw JSON-RPC request and print the result as JSON."""
+    if params == '-':
+        params = sys.stdin.read()
     try:
         parsed = json.loads(params) if params is not None else {}
     except ValueError as exc:
@@ -51,7 +53,7 @@ def call(method, params, *, tcp=False, tcp_port=config_mod.DEFAULT_TCP_PORT, no_
             daemon_client.attach(client)
         answer = client.request(method, parsed)
         if 'error' in answer:
-            raise CommandFailed(json.dumps(answer['error'], indent=2, ensure_ascii=False))
+            raise CommandFailed(json.dumps(answer['error'], ensure_ascii=False))
         print_json(answer.get('result'))
         if method == 'events.subscribe':
             sys.stdout.flush()
@@ -61,24 +63,27 @@ def call(method, params, *, tcp=False, tcp_port=config_mod.DEFAULT_TCP_PORT, no_
             except KeyboardInterrupt:
                 pass
     except RpcCallError as exc:
-        raise CommandFailed(json.dumps(exc.error, indent=2, ensure_ascii=False))
+        raise CommandFailed(json.dumps(exc.error, ensure_ascii=False))
     except RpcConnectionError as exc:
         raise daemon_client.unreachable(exc, paths)
     finally:
         client.close()
 
 
-@argh.arg('--mesh', default=None, help='only this mesh')
-@argh.arg('--limit', default=100, type=int, help='at most this many rows')
-@argh.arg('--unread', default=False, action='store_true', help='only unread rows')
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
-def inbox(*, mesh=None, limit=100, unread=False, json=False):
-    """List received messages (and mark the listed ones seen)."""
+@arg('--mesh', default=None, help='only this mesh')
+@arg('--limit', default=100, type=int, help='at most this many rows')
+@arg('--unread', default=False, action='store_true', help='only unread rows')
+@arg('--peek', default=False, action='store_true', help='leave the listed rows unread')
+@arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--no-spawn', default=False, action='store_true',
+     help='do not start the daemon when it is not running')
+def inbox(*, mesh=None, limit=100, unread=False, peek=False, json=False, no_spawn=False):
+    """List received messages, then mark the listed ones read (not with --peek)."""
     paths = Paths()
-    params = {'limit': limit, 'unread_only': unread, 'mark_seen': True}
+    params = {'limit': limit, 'unread_only': unread}
     if mesh:
         params['mesh'] = mesh
-    client = daemon_client.connect(paths)
+    client = daemon_client.connect(paths, spawn=not no_spawn)
     try:
         attached = daemon_client.attach(client)
         items = client.call('inbox.list', params)['items']
@@ -91,11 +96,15 @@ def inbox(*, mesh=None, limit=100, unread=False, json=False):
                 print(_inbox_heading(item))
                 print('  %s' % _inbox_body(item))
                 print('  %s' % _inbox_reach(item))
+        # Marked once printed: a reader that went away (`| head -1`) read nothing, and
+        # flush raises before anything is marked.
         sys.stdout.flush()
-        if attached and items:
-            # Run by an agent as its session: what it just read reached it (spec/agents.md §1).
-            client.call('inbox.mark_surfaced', {'ids': [item['id'] for item in items],
-                                                'via': 'cli'})
+        ids = [item['id'] for item in items]
+        if ids and not peek:
+            client.call('inbox.mark_seen', {'ids': ids})
+            if attached:
+                # Run by an agent as its session: what it read reached it (spec/agents.md §1).
+                client.call('inbox.mark_surfaced', {'ids': ids, 'via': 'cli'})
     except RpcCallError as exc:
         raise CommandFailed('inbox.list failed: %s' % exc.error.get('message'))
     except RpcConnectionError as exc:
@@ -133,20 +142,22 @@ def _inbox_body(item):
     return '[no body]' if item['body'] is None else item['body']
 
 
-@argh.arg('action', nargs='?', default='list', choices=('list', 'requeue'),
+@arg('action', nargs='?', default='list', choices=('list', 'requeue'),
           help='list (default) or requeue')
-@argh.arg('row_id', nargs='?', default=None, help='the row to requeue')
-@argh.arg('--pending', default=False, action='store_true', help='only pending rows')
-@argh.arg('--inflight', default=False, action='store_true', help='only inflight rows')
-@argh.arg('--done', default=False, action='store_true', help='only delivered rows')
-@argh.arg('--failed', default=False, action='store_true', help='only dead rows')
-@argh.arg('--aborted', default=False, action='store_true', help='only aborted rows')
-@argh.arg('--undelivered', default=False, action='store_true',
+@arg('row_id', nargs='?', default=None, help='the row to requeue')
+@arg('--pending', default=False, action='store_true', help='only pending rows')
+@arg('--inflight', default=False, action='store_true', help='only inflight rows')
+@arg('--done', default=False, action='store_true', help='only delivered rows')
+@arg('--failed', default=False, action='store_true', help='only dead rows')
+@arg('--aborted', default=False, action='store_true', help='only aborted rows')
+@arg('--undelivered', default=False, action='store_true',
           help='only rows the broker reported undelivered')
-@argh.arg('--new-client-id', default=None, help='client_message_id of the requeued copy')
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--new-client-id', default=None, help='client_message_id of the requeued copy')
+@arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--no-spawn', default=False, action='store_true',
+     help='do not start the daemon when it is not running')
 def outbox(action, row_id, *, pending=False, inflight=False, done=False, failed=False,
-           aborted=False, undelivered=False, new_client_id=None, json=False):
+           aborted=False, undelivered=False, new_client_id=None, json=False, no_spawn=False):
     """List outbox rows, or requeue one (outbox requeue ID)."""
     paths = Paths()
     if action == 'requeue':
@@ -155,7 +166,7 @@ def outbox(action, row_id, *, pending=False, inflight=False, done=False, failed=
         params = {'id': row_id}
         if new_client_id:
             params['new_client_message_id'] = new_client_id
-        client = daemon_client.connect(paths)
+        client = daemon_client.connect(paths, spawn=not no_spawn)
         try:
             result = client.call('outbox.requeue', params)
         except RpcCallError as exc:
@@ -175,7 +186,7 @@ def outbox(action, row_id, *, pending=False, inflight=False, done=False, failed=
     for flag, status_name in OUTBOX_STATUS_FLAGS:
         if chosen[flag]:
             params['status'] = status_name
-    items = daemon_client.call(paths, 'outbox.list', params)['items']
+    items = daemon_client.call(paths, 'outbox.list', params, spawn=not no_spawn)['items']
     if json:
         print_json(items)
         return
@@ -191,11 +202,13 @@ def outbox(action, row_id, *, pending=False, inflight=False, done=False, failed=
         print(line)
 
 
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
-def sessions(*, json=False):
+@arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--no-spawn', default=False, action='store_true',
+     help='do not start the daemon when it is not running')
+def sessions(*, json=False, no_spawn=False):
     """List the sessions registered with the daemon."""
     paths = Paths()
-    rows = daemon_client.call(paths, 'sessions.list')['sessions']
+    rows = daemon_client.call(paths, 'sessions.list', spawn=not no_spawn)['sessions']
     if json:
         print_json(rows)
         return
@@ -209,23 +222,25 @@ def sessions(*, json=False):
 
 # -- messaging -------------------------------------------------------------------------
 
-@argh.arg('to', help='recipient: 64-hex key, hex prefix, display name, @group, * or @all')
-@argh.arg('message', nargs='+', help='the message; - reads it from stdin')
-@argh.arg('--mesh', default=None, help='the mesh to send on')
-@argh.arg('--priority', default=None, choices=('now', 'next', 'low'), help='delivery priority')
-@argh.arg('--ttl', default=None, type=int, help='seconds the message may wait (default 7 days)')
-@argh.arg('--client-message-id', default=None, help='idempotency key (a retry reuses it)')
-@argh.arg('--no-spawn', default=False, action='store_true',
+@arg('to', help='recipient: 64-hex key, hex prefix, display name, @group, * or @all')
+@arg('message', nargs='+', help='the message; - reads it from stdin')
+@arg('--mesh', default=None, help='the mesh to send on')
+@arg('--priority', default=None, choices=('now', 'next', 'low'), help='delivery priority')
+@arg('--ttl', default=None, type=int, help='seconds the message may wait (default 7 days)')
+@arg('--client-message-id', default=None, help='idempotency key (a retry reuses it)')
+@arg('--no-spawn', default=False, action='store_true',
           help='do not start the daemon when it is not running')
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--json', default=False, action='store_true', help='machine-readable output')
 def send(to, *message, mesh=None, priority=None, ttl=None, client_message_id=None,
          no_spawn=False, json=False):
     """Send a message; it is durable in the outbox when this returns."""
     text = ' '.join(message)
     if text == '-':
         text = sys.stdin.read()
-    if not to.strip() or not text:
-        raise CommandFailed('Usage: meshd send <to> <message…>')
+    if not to.strip():
+        raise UsageError('meshd send: the recipient is empty')
+    if not text:
+        raise UsageError('meshd send: the message is empty')
     params = {'to': to, 'message': text}
     for key, value in (('mesh', mesh), ('priority', priority), ('ttl', ttl),
                        ('client_message_id', client_message_id)):
@@ -273,29 +288,33 @@ def _send_failed(exc, as_json):
                     'via': 'daemon'})
         raise CommandFailed('')
     data = exc.data
-    lines = [exc.error.get('message')]
+    hint = ''
     if exc.slug == 'peer_not_found':
-        lines.append('Check `meshd peers` (add --mesh <slug> to scope).')
+        hint = '; see `meshd peers --all`'
     elif exc.slug in ('mesh_required', 'ambiguous') and data.get('candidates'):
-        lines.append('candidates: ' + ', '.join(
+        hint = '; candidates: ' + ', '.join(
             '%s %s… @%s' % (c.get('display_name'), (c.get('pubkey') or '')[:12], c.get('mesh'))
-            for c in data['candidates']))
+            for c in data['candidates'])
     elif exc.slug == 'mesh_required':
-        lines.append('joined meshes: %s — pick one with --mesh' % ', '.join(
-            data.get('attached') or data.get('meshes') or []))
-    lines[0] = 'send failed (daemon): %s' % lines[0]
-    raise CommandFailed('\n'.join(lines))
+        hint = '; joined meshes: %s — pick one with --mesh' % ', '.join(
+            data.get('attached') or data.get('meshes') or [])
+    usage = exc.slug in ('invalid_params', 'invalid_target', 'mesh_not_attached',
+                         'payload_too_large')
+    raise CommandFailed('send failed: %s%s' % (exc.error.get('message'), hint),
+                        USAGE if usage else RUNTIME)
 
 
-@argh.arg('--mesh', default=None, help='only this mesh')
-@argh.arg('--all', default=False, action='store_true',
+@arg('--mesh', default=None, help='only this mesh')
+@arg('--all', default=False, action='store_true',
           help='also list members seen before who are offline now')
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
-def peers(*, mesh=None, all=False, json=False):  # noqa: A002 - the flag is --all
+@arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--no-spawn', default=False, action='store_true',
+     help='do not start the daemon when it is not running')
+def peers(*, mesh=None, all=False, json=False, no_spawn=False):  # noqa: A002 - it is --all
     """List the peers of your meshes."""
     paths = Paths()
     params = {'mesh': mesh} if mesh else {}
-    result = daemon_client.call(paths, 'peers.list', params)
+    result = daemon_client.call(paths, 'peers.list', params, spawn=not no_spawn)
     rows = result['peers']
     offline = result.get('offline', []) if all else []
     if json:

@@ -1,5 +1,6 @@
 """How CLI commands print: pretty JSON for --json, plain lines for people."""
 import json
+import os
 import sys
 
 
@@ -17,6 +18,18 @@ def report(as_json, value, text, code=None):
     if code is not None:
         sys.stdout.flush()
         sys.exit(code)
+
+
+def invoked_as():
+    """How the user ran meshd, for hints: `meshd`, `python3 dist/meshd.py`, `python3 -m meshd`."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else 'meshd'
+    name = os.path.basename(argv0)
+    if name == 'meshd':
+        return 'meshd'
+    python = os.path.basename(sys.executable or 'python3')
+    if name == '__main__.py':
+        return '%s -m meshd' % python
+    return '%s %s' % (python, argv0)
 
 
 def seconds_text(seconds):

@@ -4,7 +4,7 @@ import os
 import shutil
 import sys
 
-import argh
+from meshd.argh_compat import arg
 
 from meshd import control, files, service
 from meshd.cli.output import print_json, report
@@ -52,13 +52,13 @@ def _boot(paths, as_json, result):
             for slug, link in sorted(brokers.items()))), file=sys.stderr)
 
 
-@argh.arg('--force', default=False, action='store_true',
+@arg('--force', default=False, action='store_true',
           help='install even on a CI host or inside a container')
-@argh.arg('--uninstall', default=False, action='store_true',
+@arg('--uninstall', default=False, action='store_true',
           help='disable and delete the unit instead')
-@argh.arg('--now', default=False, action='store_true',
+@arg('--now', default=False, action='store_true',
           help='also run the boot command and wait for the daemon')
-@argh.arg('--json', default=False, action='store_true', help='machine-readable output')
+@arg('--json', default=False, action='store_true', help='machine-readable output')
 def install_service(*, force=False, uninstall=False, now=False, json=False):
     """Write the systemd user unit that runs the daemon (--uninstall removes it)."""
     if not sys.platform.startswith('linux'):

@@ -174,7 +174,8 @@ class AdminCliTest(unittest.TestCase):
         command = 'list' if fn is cli.list_meshes else fn.__name__.replace('_', '-')
         argv = ['broker-admin', command, '--db', self.db]
         for key, value in kwargs.items():
-            argv += ['--%s' % key.replace('_', '-'), value]
+            flag = '--%s' % key.replace('_', '-')
+            argv += [flag] if value is True else [flag, value]
         out, err = io.StringIO(), io.StringIO()
         with mock.patch.object(sys, 'stdout', out), mock.patch.object(sys, 'stderr', err):
             try:
@@ -206,8 +207,14 @@ class AdminCliTest(unittest.TestCase):
         self.assertEqual(json.loads(out)['grants'], {pub: []})
         status, out, _ = self.run_cmd(cli.revoke_member, mesh='my-team', member=other)
         self.assertTrue(json.loads(out)['revoked'])
-        status, out, _ = self.run_cmd(cli.list_meshes, mesh='my-team')
+        status, out, _ = self.run_cmd(cli.list_meshes, mesh='my-team', json=True)
         self.assertEqual([m['revoked'] for m in json.loads(out)['members']], [False, True])
+        status, out, _ = self.run_cmd(cli.list_meshes, mesh='my-team')
+        table = out.splitlines()
+        self.assertEqual(table[0].split(), ['name', 'role', 'key', 'state'])
+        self.assertEqual([line.split()[-1] for line in table[1:]], ['active', 'revoked'])
+        status, out, _ = self.run_cmd(cli.list_meshes)
+        self.assertEqual(out.splitlines()[1].split()[:3], ['my-team', 'My', 'Team!'])
         status, _, err = self.run_cmd(cli.add_member, mesh='my-team', pubkey='xyz', name='x')
         self.assertEqual(err, 'error: pubkey must be 64 hex chars (32 bytes)\n')
 
