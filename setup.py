@@ -1,8 +1,13 @@
 """meshd: install from a checkout into a dedicated virtual environment (never `pip install meshd`:
 PyPI's `meshd`, `rpc` and `storage` are unrelated projects; DESIGN.md 24)."""
+import pathlib
+import re
+
 from setuptools import setup
 
-from meshd import __version__
+# Read, never import: under PEP 517 the checkout is not on sys.path while setup.py runs.
+_VERSION_FILE = pathlib.Path(__file__).with_name('meshd') / '__init__.py'
+__version__ = re.search(r"^__version__ = '([^']+)'", _VERSION_FILE.read_text(), re.M).group(1)
 
 setup(
     name='meshd',
