@@ -118,6 +118,16 @@ class MemberLink(Link):
                 'target_spec': frame.get('targetSpec'), 'reason': reason})
         self.send_frame({'type': 'meshd_undelivered_ack', 'messageId': message_id})
 
+    def on_state_change(self, frame):
+        """Another member set a shared key: an event for subscribers of this mesh."""
+        key = frame.get('key')
+        if not isinstance(key, str):
+            return
+        updated_by = frame.get('updatedBy')
+        self.publish('state_change', {'mesh': self.name, 'key': key, 'value': frame.get('value'),
+                                      'updated_by': updated_by if isinstance(updated_by, str)
+                                      else None})
+
     def list_peers(self, max_age=0.0):
         """The broker's roster of this mesh, or None when it cannot be read.
 

@@ -33,7 +33,11 @@ from meshd.api.daemon_methods import DaemonMethods
 from meshd.api.events import EventMethods
 from meshd.api.mailbox import MailboxMethods
 from meshd.api.messages import MessageMethods
+from meshd.api.moderation import ModerationMethods
+from meshd.api.presence import PresenceMethods
+from meshd.api.routing import Routes
 from meshd.api.sessions import SessionMethods
+from meshd.api.shared_data import SharedDataMethods
 from meshd.broker_link import MemberLink, SessionLink
 from meshd.bus import EventBus
 from meshd.directory import Directory
@@ -43,9 +47,11 @@ from meshd.greenlets import Supervisor
 from meshd.inbound import Inbound
 from meshd.links import LinkTable
 from meshd.pidfile import AlreadyRunning, PidLock
+from meshd.presence_settings import PresenceSettings
 from meshd.pruner import Pruner
 from meshd.reaper import Reaper
 from meshd.resolver import Resolver
+from meshd.roster_watch import RosterPoll, RosterWatch
 from meshd.send import Sender
 from meshd.sessions import SessionRegistry
 from meshd.surfacing import Surfacing
@@ -77,6 +83,7 @@ DEFAULT_TIMINGS = {
     'ipc_idle_timeout': 300.0,    # an unsubscribed connection idle this long is closed
     'channel_grace': 60.0,        # a channel emit waits this long for its confirmation
     'surface_check_interval': 30.0,
+    'roster_poll_interval': 30.0,  # rosters read for peer_changed while events are watched
 }
 
 
@@ -96,11 +103,13 @@ class Daemon:
         self.links = LinkTable(self.timings, self.supervisor, self._member_link,
                                self._session_link, self.sessions.all)
         self.directory = Directory(self.store)
+        self.roster_watch = RosterWatch(self.bus.publish)
+        self.presence_settings = PresenceSettings(self.store)
         self.inbound = Inbound(self.store, self.bus, self.links.is_own_pubkey, self.directory)
         self.drain = Drain(self.store, self.links, self.timings, self.supervisor)
-        self.sender = Sender(self.store, self.links,
-                             Resolver(self.links, self.directory, self.timings), self.timings,
-                             self.drain.wake)
+        resolver = Resolver(self.links, self.directory, self.timings)
+        self.sender = Sender(self.store, self.links, resolver, self.timings, self.drain.wake)
+        routes = Routes(self.links, resolver.fallback_mesh, self.supervisor, self.timings)
         self.surfacing = Surfacing(self.store, self.sessions, self.bus.publish,
                                    self.links.member_pubkey, options.not_surfaced_after)
         self.methods = MethodTable()
@@ -108,7 +117,10 @@ class Daemon:
             DaemonMethods(lambda: (self.epoch, self.schema_version), self.health,
                           self.reload_config, self.links),
             SessionMethods(self.sessions),
-            MessageMethods(self.sender, self.links, self.directory),
+            MessageMethods(self.sender, self.links, self.directory, self.store),
+            SharedDataMethods(routes),
+            PresenceMethods(routes, self.presence_settings),
+            ModerationMethods(routes, resolver, self.directory),
             MailboxMethods(self.store, self.links.member_pubkey, self.drain.wake),
             EventMethods(self.bus, self.timings['events_keepalive'], self.links.member_pubkey,
                          self.surfacing),
@@ -126,17 +138,27 @@ class Daemon:
         self._db_open = False
 
     def _member_link(self, mesh):
-        return MemberLink(mesh, self.timings, self.supervisor, self.inbound, self.bus.publish,
-                          self.store, on_open=self.drain.wake,
-                          on_roster=self.directory.learn_roster)
+        link = MemberLink(mesh, self.timings, self.supervisor, self.inbound, self.bus.publish,
+                          self.store, on_open=lambda: self._link_opened(link),
+                          on_roster=self._roster_read)
+        return link
+
+    def _link_opened(self, link):
+        self.presence_settings.replay(link)
+        self.drain.wake()
+
+    def _roster_read(self, slug, peers):
+        self.directory.learn_roster(slug, peers)
+        self.roster_watch.saw(slug, peers)
 
     def _broker_url(self, slug):
         mesh = self.links.meshes.get(slug)
         return mesh.get('brokerUrl') if mesh else None
 
     def _session_link(self, mesh, info):
-        return SessionLink(mesh, info, self.timings, self.supervisor, self.inbound,
-                           on_open=self.drain.wake)
+        link = SessionLink(mesh, info, self.timings, self.supervisor, self.inbound,
+                           on_open=lambda: self._link_opened(link))
+        return link
 
     # -- start-up (spec/daemon.md §1.6) ------------------------------------------------
 
@@ -173,6 +195,7 @@ class Daemon:
             log.info('outbox_inflight_recovered', extra={'fields': {'count': recovered}})
         self.bus.reset_log()
         self.directory.load()
+        self.presence_settings.load()
         try:
             config = config_mod.load_config(self.paths.config)
         except ConfigError as exc:
@@ -192,6 +215,10 @@ class Daemon:
         self.sessions.on_register.append(self._on_session_registered)
         self.sessions.on_deregister.append(self._on_session_deregistered)
         self.sessions.on_deregister.append(self.surfacing.forget)
+        self.sessions.on_deregister.append(self.presence_settings.forget)
+        poll = RosterPoll(self.bus.subscriber_count, self.links.rosters, lambda: self.links.meshes)
+        self.supervisor.every('roster-poll', lambda: self.timings['roster_poll_interval'],
+                              poll.step, wait_first=True)
         self.supervisor.every('surfacing', lambda: self.timings['surface_check_interval'],
                               self.surfacing.check, wait_first=True)
         reaper = Reaper(self.sessions)

@@ -45,6 +45,14 @@ class LinkClosed(Exception):
         self.reason = reason
 
 
+class LinkUnavailable(Exception):
+    """A request could not be written: the link is not open, or closed before the reply."""
+
+
+class LinkTimeout(Exception):
+    """The broker did not answer a request in time (it may be stopped or overloaded)."""
+
+
 class Link:
     """The shared lifecycle of member and session links."""
 
@@ -356,20 +364,35 @@ class Link:
 
     def request(self, frame, reply_type, timeout=None):
         """Send an RPC-style frame with a _reqId and return the reply (None when unavailable)."""
-        if not self.is_open:
+        try:
+            reply = self.call(frame, (reply_type,), timeout)
+        except (LinkUnavailable, LinkTimeout):
             return None
+        return reply if reply.get('type') == reply_type else None
+
+    def call(self, frame, reply_types, timeout=None):
+        """Send `frame` with a fresh _reqId and return the broker's reply: a frame whose type
+        is one of `reply_types`, or an `error` frame with that _reqId. Raises LinkUnavailable
+        when the link is not open (or the write failed) and LinkTimeout when no reply came
+        within `timeout` (default link_rpc_timeout)."""
+        if not self.is_open:
+            raise LinkUnavailable('%s link is %s' % (self.kind, self.status))
         self._request_seq += 1
         req_id = '%s-%d' % (frame['type'][:2], self._request_seq)
         waiter = gevent.event.AsyncResult()
-        self._requests[req_id] = (reply_type, waiter)
+        self._requests[req_id] = (tuple(reply_types), waiter)
         try:
             if not self.send_frame(dict(frame, _reqId=req_id)):
-                return None
-            return waiter.get(timeout=timeout or self.timings['link_rpc_timeout'])
+                raise LinkUnavailable('%s link write failed' % self.kind)
+            reply = waiter.get(timeout=timeout or self.timings['link_rpc_timeout'])
         except gevent.Timeout:
-            return None
+            raise LinkTimeout('no %s reply within %gs' % (
+                '/'.join(reply_types), timeout or self.timings['link_rpc_timeout']))
         finally:
             self._requests.pop(req_id, None)
+        if reply is None:
+            raise LinkUnavailable('%s link closed before the reply' % self.kind)
+        return reply
 
     def client_ack(self, client_message_id, broker_message_id):
         frame = {'type': 'client_ack'}
@@ -384,7 +407,7 @@ class Link:
         for waiter in list(self._pending.values()):
             if not waiter.ready():
                 waiter.set({'ok': False, 'error': error, 'transient': True})
-        for _reply_type, waiter in list(self._requests.values()):
+        for _reply_types, waiter in list(self._requests.values()):
             if not waiter.ready():
                 waiter.set(None)
 
@@ -402,15 +425,18 @@ class Link:
             return
         req_id = frame.get('_reqId')
         if req_id is not None and req_id in self._requests:
-            reply_type, waiter = self._requests[req_id]
-            if kind == reply_type or kind == 'error':
-                waiter.set(frame if kind == reply_type else None)
+            reply_types, waiter = self._requests[req_id]
+            if (kind in reply_types or kind == 'error') and not waiter.ready():
+                waiter.set(frame)
             return
         if kind in ('push', 'inbound'):
             self._pushes.spawn(self._handle_push, frame)
             return
         if kind == 'meshd_undelivered':
             self._pushes.spawn(self._handle_notice, frame)
+            return
+        if kind == 'state_change':
+            self._pushes.spawn(self._handle_state_change, frame)
             return
         if kind == 'error':
             self._log('warning', 'broker_error', code=frame.get('code'),
@@ -421,6 +447,12 @@ class Link:
             self.on_push(frame)
         except Exception:
             log.exception('push handling failed')
+
+    def _handle_state_change(self, frame):
+        try:
+            self.on_state_change(frame)
+        except Exception:
+            log.exception('state change handling failed')
 
     def _handle_notice(self, frame):
         try:
@@ -449,6 +481,9 @@ class Link:
 
     def on_undelivered(self, frame):
         pass  # only member links receive the notices of undelivered DMs
+
+    def on_state_change(self, frame):
+        pass  # every link of the mesh receives it; the member link tells subscribers
 
     def _set_status(self, status):
         if status != self.status:

@@ -134,5 +134,11 @@ MIGRATIONS = [
                   'CREATE INDEX "address_book_member" ON "address_book" ("member_pubkey")',
                   'ALTER TABLE "inbox" ADD COLUMN "sender_member_pubkey" TEXT'],
               doc='address book; inbox sender member'),
+    # Presence settings a caller set (status, summary, profile, groups): the broker forgets
+    # them with the presence, so the daemon re-sends them whenever a link opens.
+    Migration(6, ['CREATE TABLE "presence_settings" ("mesh" TEXT NOT NULL, '
+                  '"owner" TEXT NOT NULL, "settings" TEXT NOT NULL, '
+                  '"updated_at" INTEGER NOT NULL, PRIMARY KEY ("mesh", "owner"))'],
+              doc='presence settings kept across restarts'),
 ]
 HEAD = head(MIGRATIONS)

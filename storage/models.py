@@ -1,6 +1,6 @@
 """peewee models of meshd.db: outbox, sessions, idempotency, events (spec/daemon.md §3); the
-inbox is storage/inbox.py, the address book storage/address_book.py. storage/base.py says how
-models are used.
+inbox is storage/inbox.py, the address book storage/address_book.py, the presence settings
+storage/presence_settings.py. storage/base.py says how models are used.
 """
 from peewee import SQL, BlobField, IntegerField, TextField
 from playhouse.sqlite_ext import AutoIncrementField
@@ -8,9 +8,10 @@ from playhouse.sqlite_ext import AutoIncrementField
 from storage.address_book import AddressBook
 from storage.base import BaseModel, database, delete_batch, execute, placeholders
 from storage.inbox import Inbox
+from storage.presence_settings import PresenceSetting
 
-__all__ = ['AddressBook', 'Event', 'Idempotency', 'Inbox', 'MODELS', 'Outbox', 'Session',
-           'database', 'return_free_pages']
+__all__ = ['AddressBook', 'Event', 'Idempotency', 'Inbox', 'MODELS', 'Outbox',
+           'PresenceSetting', 'Session', 'database', 'return_free_pages']
 
 OUTBOX_STATUSES = ('pending', 'inflight', 'done', 'dead', 'aborted', 'undelivered')
 FINISHED_STATUSES = ('done', 'dead', 'aborted', 'undelivered')
@@ -296,4 +297,4 @@ Outbox.add_index(Outbox.index(Outbox.status, Outbox.mesh, Outbox.sender_session_
 Session.add_index(Session.index(Session.session_id, name='sessions_session_id'))
 Event.add_index(Event.index(Event.recipient_pubkey, name='events_recipient'))
 
-MODELS = [Outbox, Inbox, Session, Idempotency, Event, AddressBook]
+MODELS = [Outbox, Inbox, Session, Idempotency, Event, AddressBook, PresenceSetting]

@@ -1,7 +1,10 @@
 """daemon.version, daemon.health, daemon.reload and meshes.list (spec/daemon.md §8.2)."""
 from meshd import __version__
 
-IPC_FEATURES = ['version', 'health', 'send', 'inbox', 'events', 'peers', 'sessions']
+# What this daemon serves, in claudemesh's names (spec/daemon.md §8.2) and meshd's.
+IPC_FEATURES = ['version', 'health', 'send', 'inbox', 'events', 'peers', 'profile', 'skills',
+                'state', 'memory', 'sessions', 'status', 'groups', 'moderation', 'grants',
+                'message_status']
 
 
 class DaemonMethods:
