@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 EXT_VERSION = 1
 # meshd extensions this broker speaks (docs/wire-extensions.md), announced in hello_ack.
-BROKER_EXTENSIONS = ('undelivered', 'presence')
+BROKER_EXTENSIONS = ('undelivered', 'presence', 'grants', 'message_status')
 _STATS_KEYS = ('messagesIn', 'messagesOut', 'toolCalls', 'errors')
 
 

@@ -151,6 +151,19 @@ class MessageQueue(BaseModel):
         return (cls.update(claimed_at=None, claim_id=None, claim_expires_at=None)
                 .where(cls.claim_id.is_null(False)).execute())
 
+    # -- what became of a send (meshd extension `message_status`) ----------------------
+
+    @classmethod
+    def sent_by(cls, mesh_id, member_id, message_id=None, client_message_id=None):
+        """One row this member sent, by the broker's id, else the newest with this client
+        id; None when there is none. Another sender's rows are never matched: a client id
+        is chosen by each sender, and a broker id must not reveal another member's DM."""
+        where = (cls.mesh_id == mesh_id) & (cls.sender_member_id == member_id)
+        if message_id is not None:
+            return cls.select().where(where & (cls.id == message_id)).first()
+        return (cls.select().where(where & (cls.client_message_id == client_message_id))
+                .order_by(cls.created_at.desc(), cls.id.desc()).first())
+
     # -- undelivered DMs -------------------------------------------------------------
 
     @classmethod

@@ -7,7 +7,8 @@ stays online with a dead socket (D2). The server holds the process, the connecti
 periodic loops (keepalive, the 15 s sweeper, the TTL sweep, the rate-bucket sweep) and the
 verb table; the jobs live in their own modules, each built here with what it uses:
 handshake (checks and the reattach choice), lifecycle (presences), delivery (sends, drains,
-acks), notices (undelivered DMs), peers, moderation, data and hooks (verbs), http (routes).
+acks), notices (undelivered DMs), peers, moderation, data, member verbs (own grants,
+message status) and hooks (verbs), http (routes).
 Every greenlet runs under one Supervisor. Built in __init__, started by start(), stopped by
 stop(); run() adds the signal handlers (SIGTERM/SIGINT close every socket with 1001).
 """
@@ -33,6 +34,7 @@ from meshd.broker.handshake import Handshake
 from meshd.broker.hooks import HookStatus
 from meshd.broker.http import HttpRoutes
 from meshd.broker.lifecycle import Lifecycle
+from meshd.broker.member_verbs import MemberVerbs
 from meshd.broker.message_queue import MessageQueue
 from meshd.broker.models import Member, Mesh, Presence
 from meshd.broker.moderation import ModerationVerbs
@@ -162,7 +164,8 @@ class BrokerServer(object):
         for group in (PeerVerbs(self.presences, self.store, self.delivery,
                                 self.lifecycle.broadcast_event),
                       ModerationVerbs(self.presences, self.store, self.lifecycle.remove),
-                      DataVerbs(self.store, self.presences)):
+                      DataVerbs(self.store, self.presences),
+                      MemberVerbs(self.store)):
             self.verbs.update(group.handlers())
         self._stop = gevent.event.Event()
         self._server = None
