@@ -37,7 +37,8 @@ class MessageMethods:
              {'session': 'optional', 'result': '{peers:[…], offline:[…], unreachable}'}),
             ('message.status', self.message_status,
              {'session': 'optional', 'result': '{client_message_id, mesh, target_spec, '
-                                               'outbox_status, broker_message_id, delivery, '
+                                               'outbox_status, attempts, broker_message_id, '
+                                               'delivery, '
                                                'delivered_at, expires_at, last_error}'}),
         ]
 
@@ -93,7 +94,8 @@ class MessageMethods:
             raise RpcError.of(NOT_FOUND, 'not_found', 'no message %s in the outbox' % cmid,
                               client_message_id=cmid)
         result = {'client_message_id': cmid, 'mesh': row.mesh, 'target_spec': row.target_spec,
-                  'outbox_status': row.status, 'broker_message_id': row.broker_message_id,
+                  'outbox_status': row.status, 'attempts': row.attempts,
+                  'broker_message_id': row.broker_message_id,
                   'delivery': _OUTBOX_DELIVERY.get(row.status, 'unknown'),
                   'delivered_at': None, 'expires_at': iso(row.expires_at),
                   'last_error': row.last_error}

@@ -54,6 +54,15 @@ class SharedDataMethods:
             ('skills.remove', self.skills_remove, dict(optional, result='{ok, name, removed, mesh}')),
         ]
 
+    def _first_found(self, ctx, mesh, fetch, not_found):
+        """(slug, row) of the first mesh, in slug order, where `fetch(link, slug)` found a
+        row; raises `not_found(unreachable)` when none did."""
+        rows, unreachable = self.routes.read(ctx, self.routes.many(ctx, mesh), fetch)
+        for slug, row in rows.items():
+            if row is not None:
+                return slug, row
+        raise not_found(unreachable)
+
     # -- state ---------------------------------------------------------------------------
 
     def state_get(self, ctx, key: str = None, mesh: str = None):
@@ -62,12 +71,10 @@ class SharedDataMethods:
 
         def get(link, slug):
             return calls.state_row(calls.call(link, slug, {'type': 'get_state', 'key': key}))
-        rows, unreachable = self.routes.read(ctx, self.routes.many(ctx, mesh), get)
-        for slug, row in rows.items():
-            if row is not None:
-                return {'state': dict(row, mesh=slug)}
-        raise RpcError.of(NOT_FOUND, 'state_not_found', 'no shared state "%s"' % key, key=key,
-                          unreachable=unreachable)
+        slug, row = self._first_found(ctx, mesh, get, lambda unreachable: RpcError.of(
+            NOT_FOUND, 'state_not_found', 'no shared state "%s"' % key, key=key,
+            unreachable=unreachable))
+        return {'state': dict(row, mesh=slug)}
 
     def state_list(self, ctx, mesh: str = None):
         """Every shared key of the mesh (default: the session's, else every joined mesh)."""
@@ -135,12 +142,10 @@ class SharedDataMethods:
 
         def get(link, slug):
             return calls.skill(calls.call(link, slug, {'type': 'get_skill', 'name': name}))
-        rows, unreachable = self.routes.read(ctx, self.routes.many(ctx, mesh), get)
-        for slug, row in rows.items():
-            if row is not None:
-                return {'skill': dict(row, mesh=slug)}
-        raise RpcError.of(NOT_FOUND, 'skill_not_found', 'no skill "%s"' % name, name=name,
-                          unreachable=unreachable)
+        slug, row = self._first_found(ctx, mesh, get, lambda unreachable: RpcError.of(
+            NOT_FOUND, 'skill_not_found', 'no skill "%s"' % name, name=name,
+            unreachable=unreachable))
+        return {'skill': dict(row, mesh=slug)}
 
     def skills_publish(self, ctx, name: str = None, instructions: str = None,
                        description: str = None, tags: list = None, manifest: object = None,
