@@ -1,7 +1,8 @@
 """meshd's command line (argh): the parser, and the one place errors become exit codes.
 
 Commands live beside this file, grouped by what they act on (daemon_commands, messages,
-meshes; the broker's in meshd/broker/cli.py). They parse, call, print, and raise: any
+meshes, shared_commands, skill_commands, moderation_commands; the broker's in
+meshd/broker/cli.py). They parse, call, print, and raise: any
 MeshdError (or StorageError) that ends a command reaches `main`, which prints its text on
 stderr and exits with its `exit_code` — 2 for usage, 1 for run time — never a traceback.
 """
@@ -29,18 +30,26 @@ class Parser(argh.ArghParser):
 
 def build_parser():
     from meshd.broker import cli as broker_cli
-    from meshd.cli import (claude_commands, daemon_commands, meshes, messages, service_commands,
-                           shell)
+    from meshd.cli import (claude_commands, daemon_commands, meshes, messages,
+                           moderation_commands, service_commands, shared_commands, shell,
+                           skill_commands)
     parser = Parser(prog='meshd', description='meshd: messages between agent sessions across '
                     'machines, through a claudemesh-protocol broker.', **HELP_FORMAT)
     parser.add_argument('--version', action='version', version='meshd %s' % __version__)
     add_commands(parser, [daemon_commands.quickstart, messages.send, messages.peers,
                           messages.inbox, messages.outbox, messages.sessions, messages.call,
                           meshes.whoami, meshes.join, meshes.leave, meshes.import_claudemesh,
-                          meshes.launch,
-                          broker_cli.broker] + claude_commands.COMMANDS + shell.COMMANDS)
+                          meshes.launch]
+                 + shared_commands.MEMORY_COMMANDS + shared_commands.PRESENCE_COMMANDS
+                 + moderation_commands.MODERATION_COMMANDS + [moderation_commands.msg_status]
+                 + [broker_cli.broker] + claude_commands.COMMANDS + shell.COMMANDS)
     add_group(parser, 'daemon', daemon_commands.COMMANDS + [service_commands.install_service],
               'run and control the daemon')
+    add_group(parser, 'state', shared_commands.STATE_COMMANDS, "a mesh's shared keys and values")
+    add_group(parser, 'skill', skill_commands.SKILL_COMMANDS, "a mesh's shared skills")
+    add_group(parser, 'group', shared_commands.GROUP_COMMANDS, 'join or leave an @group')
+    add_group(parser, 'grants', moderation_commands.GRANTS_COMMANDS,
+              'what each peer may send you')
     add_group(parser, 'broker-admin', broker_cli.ADMIN_COMMANDS,
               "administer a meshd broker's database")
     return parser
