@@ -226,7 +226,8 @@ class ToolsTest(McpTestCase):
         client = self.bridge()
         client.handshake()
         names = [tool['name'] for tool in client.call('tools/list')['tools']]
-        self.assertEqual(names, ['send_message', 'list_peers', 'read_inbox', 'mesh_status'])
+        self.assertEqual(names, ['send_message', 'list_peers', 'read_inbox', 'mesh_status',
+                                 'set_status', 'set_summary', 'remember', 'recall', 'state'])
         sent = wait_for(lambda: (lambda answer: None if answer.get('isError') else answer)(
             client.tool('send_message', {'to': 'alice-session', 'message': 'from the tool'})),
             what='alice-session in bob\'s roster')

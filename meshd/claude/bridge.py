@@ -10,9 +10,12 @@ The stream: `events.subscribe` as that session, resumed with `since_seq`/`epoch`
 disconnect. After a daemon restart (`resync`) and at the first subscription, the rows of the
 session that no bridge emitted are emitted first; ids already emitted are skipped, so a burst
 during a restart is emitted exactly once, in order. Every message becomes one channel
-notification, written before `emitted_at` is recorded: an emit is not delivery.
+notification, written before `emitted_at` is recorded: an emit is not delivery. Peer and
+shared-data events become short system lines (meshd/claude/render.py), except the session's
+own: its own roster changes, and a state value the mesh echoes back after it set it.
 """
 import collections
+import json
 import logging
 import os
 import secrets
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL_METHOD = 'notifications/claude/channel'
 REMEMBERED_IDS = 10000
+REMEMBERED_STATE = 1000
 MAX_RETRY_DELAY = 5.0
 PREVIEWS = 3
 
@@ -40,13 +44,15 @@ PREVIEWS = 3
 class Identity:
     """The session this bridge speaks for. The token never leaves this process."""
 
-    def __init__(self, token, session_id, mesh, display_name, registered_at, own):
+    def __init__(self, token, session_id, mesh, display_name, registered_at, own,
+                 pubkey=None):
         self.token = token
         self.session_id = session_id
         self.mesh = mesh
         self.display_name = display_name
         self.registered_at = registered_at
         self.own = own      # registered by this bridge, so deregistered by it
+        self.pubkey = pubkey.lower() if isinstance(pubkey, str) else None   # its presence
 
 
 class Bridge:
@@ -64,6 +70,7 @@ class Bridge:
         self.no_session_reason = None
         self.found = gevent.event.Event()       # identity known, or known to be absent
         self._emitted = collections.OrderedDict()
+        self._state_known = collections.OrderedDict()   # (mesh, key) → the value as JSON
         self._registration = None   # the sessions.register params, to register again
 
     # -- the session -------------------------------------------------------------------
@@ -121,8 +128,10 @@ class Bridge:
                 if client_gone.wait(delay):
                     return None
                 delay = min(delay * 2, MAX_RETRY_DELAY)
+        presence = session.get('presence') or {}
         return Identity(token, session['session_id'], session['mesh'],
-                        session['display_name'], session['registered_at'], own=False)
+                        session['display_name'], session['registered_at'], own=False,
+                        pubkey=presence.get('session_pubkey'))
 
     def _register(self, entry):
         token = secrets.token_hex(32)
@@ -148,7 +157,7 @@ class Bridge:
             'session_id': session_id, 'mesh': entry['slug'], 'display_name': display_name}})
         self._registration = params
         return Identity(token, session_id, entry['slug'], display_name,
-                        answer['registered_at'], own=True)
+                        answer['registered_at'], own=True, pubkey=keypair.public_key)
 
     def stop(self):
         """stdin closed: deregister the session this bridge registered."""
@@ -175,6 +184,13 @@ class Bridge:
         with RpcClient(socket_path=self.paths.socket, timeout=timeout) as client:
             client.call('session.attach', {'token': token})
             return client.call(method, params)
+
+    def read_mesh(self):
+        """The mesh a read names: the session's, else --mesh or MESHD_MESH, else None (every
+        joined mesh), so a read before the session is found asks the mesh it will have."""
+        if self.identity is not None:
+            return self.identity.mesh
+        return self.mesh_flag or self.environ.get('MESHD_MESH') or None
 
     def call(self, method, params=None, timeout=10.0):
         """`method` as this bridge's session (session-less when it has none)."""
@@ -292,9 +308,36 @@ class Bridge:
         if kind == 'message':
             self._emit_row(data, client)
             return
+        if self._own_or_known(kind, data):
+            return
         rendered = render.system_notification(kind, data)
         if rendered is not None:
             self._channel(*rendered)
+
+    def note_state(self, mesh, key, value):
+        """This session sets `key` to `value` (the state tool; `mesh` None for the default):
+        the mesh's echo is not news."""
+        self._remember_state((mesh or self.read_mesh(), key), value)
+
+    def _remember_state(self, mesh_key, value):
+        """Record the value of a state key; True when it was already the known one."""
+        value = json.dumps(value, sort_keys=True)
+        known = self._state_known.pop(mesh_key, None) == value
+        self._state_known[mesh_key] = value
+        while len(self._state_known) > REMEMBERED_STATE:
+            self._state_known.popitem(last=False)
+        return known
+
+    def _own_or_known(self, kind, data):
+        """True for an event the agent need not hear: its own roster change, or a state
+        value it set itself or was already told."""
+        if kind == 'peer_changed':
+            pubkey = data.get('pubkey')
+            return (self.identity is not None and self.identity.pubkey is not None
+                    and isinstance(pubkey, str) and pubkey.lower() == self.identity.pubkey)
+        if kind == 'state_change':
+            return self._remember_state((data.get('mesh'), data.get('key')), data.get('value'))
+        return False
 
 
 def choose_mesh(config, requested):

@@ -6,7 +6,13 @@ arrives by channel, by hook or through a tool. Only a row sealed end to end to t
 mesh could have sent, and a row that did not open is a warning without a body (DESIGN.md 27).
 Channel meta is a record of string to string with identifier keys: one non-string value makes
 Claude Code drop the whole notification, silently.
+
+What the mesh shares changes too: another member's state change and a peer's new summary,
+or its going into or out of dnd, are one short line each (`[team] state build_status =
+"green" (by alice)`). Idle/working flips are left out: hooks post them at every turn, and a
+channel line starts a turn, so telling them would keep a mesh of agents waking each other.
 """
+import json
 import re
 
 META_KEY = re.compile(r'^[a-zA-Z_][a-zA-Z0-9_]*$')
@@ -17,6 +23,7 @@ BODY_LIMIT = 4000          # characters of one message handed over by a hook or 
 BADGES = {'now': '[URGENT] ', 'low': '[low] '}
 SYSTEM_VERBS = {'peer_joined': 'joined', 'peer_returned': 'returned to',
                 'peer_left': 'left'}
+LINE_LIMIT = 200           # characters of a value or summary in a change line
 
 
 def meta_of(values):
@@ -97,7 +104,68 @@ def system_notification(kind, data):
         return content, meta_of({'kind': 'system', 'event': 'undelivered',
                                  'client_message_id': data.get('client_message_id'),
                                  'mesh_slug': data.get('mesh')})
+    if kind == 'state_change':
+        return state_change_notification(data)
+    if kind == 'peer_changed':
+        return peer_changed_notification(data)
     return None
+
+
+def state_change_notification(data):
+    """(content, meta) for another member's change of a shared state key, or None."""
+    key = _one_line(data.get('key'))
+    if not key:
+        return None
+    mesh = _one_line(data.get('mesh')) or 'mesh'
+    by = _one_line(data.get('updated_by'))
+    content = '[%s] state %s = %s%s' % (mesh, key[:LINE_LIMIT], _quoted(data.get('value')),
+                                        ' (by %s)' % by if by else '')
+    return content, meta_of({'kind': 'system', 'event': 'state_change', 'mesh_slug': mesh,
+                             'state_key': key[:LINE_LIMIT], 'updated_by': by or None})
+
+
+def peer_changed_notification(data):
+    """(content, meta) for a peer's new summary or dnd status, or None for other changes
+    (idle/working flips, groups, profile, visibility, names)."""
+    changes = data.get('changes') if isinstance(data.get('changes'), dict) else {}
+    pubkey = data.get('pubkey') if isinstance(data.get('pubkey'), str) else ''
+    name = _one_line(data.get('display_name')) or pubkey[:8] or 'unknown'
+    mesh = _one_line(data.get('mesh')) or 'mesh'
+    lines, shown = [], []
+    status = changes.get('status') if isinstance(changes.get('status'), dict) else {}
+    before, after = status.get('from'), status.get('to')
+    if before != after and 'dnd' in (before, after):
+        shown.append('status')
+        if after == 'dnd':
+            lines.append('[%s] %s is now dnd (do not disturb)' % (mesh, name))
+        else:
+            lines.append('[%s] %s is no longer dnd: now %s' % (
+                mesh, name, _one_line(after) or 'online'))
+    summary = changes.get('summary') if isinstance(changes.get('summary'), dict) else None
+    if summary is not None and summary.get('from') != summary.get('to'):
+        after = summary.get('to')
+        if isinstance(after, str) and after.strip():
+            shown.append('summary')
+            lines.append('[%s] %s: summary %s' % (mesh, name, _quoted(' '.join(after.split()))))
+        elif summary.get('from'):
+            shown.append('summary')
+            lines.append('[%s] %s cleared their summary' % (mesh, name))
+    if not lines:
+        return None
+    return '\n'.join(lines), meta_of({'kind': 'system', 'event': 'peer_changed',
+                                      'peer_name': name, 'peer_pubkey': pubkey,
+                                      'mesh_slug': mesh, 'changed': ','.join(shown)})
+
+
+def _one_line(text):
+    """`text` on one line (names and keys come from peers), '' when not a string."""
+    return ' '.join(text.split()) if isinstance(text, str) else ''
+
+
+def _quoted(value):
+    """`value` as JSON on one line (a peer's newline cannot forge a line), cut if long."""
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= LINE_LIMIT else text[:LINE_LIMIT] + '…'
 
 
 def hook_lines(item, limit=BODY_LIMIT):

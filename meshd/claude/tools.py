@@ -2,7 +2,8 @@
 
 Each tool calls the daemon as the bridge's session and returns text a model reads easily;
 a failure is `isError: true` with the one-line reason. Rows `read_inbox` returns count as
-surfaced through `tool`.
+surfaced through `tool`. The tools of shared data (status, summary, memory, state) are
+meshd/claude/shared_tools.py; `Tools` runs them too.
 """
 import logging
 
@@ -52,13 +53,18 @@ class ToolError(Exception):
 
 class Tools:
     """Runs tools with `call(method, params)` (the bridge, as its session); `identity()` is
-    the bridge's session (None without one)."""
+    the bridge's session (None without one); `more` are further tool sets, each with
+    `definitions` and `handlers()` (meshd/claude/shared_tools.py)."""
 
-    def __init__(self, call, identity):
+    def __init__(self, call, identity, more=()):
         self.call = call
         self.identity = identity
+        self.definitions = list(TOOLS)
         self._handlers = {'send_message': self.send_message, 'list_peers': self.list_peers,
                           'read_inbox': self.read_inbox, 'mesh_status': self.mesh_status}
+        for tool_set in more:
+            self.definitions += tool_set.definitions
+            self._handlers.update(tool_set.handlers())
 
     def run(self, name, arguments):
         """The tools/call result for `name` with `arguments`."""
