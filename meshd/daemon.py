@@ -216,7 +216,8 @@ class Daemon:
         self.sessions.on_deregister.append(self._on_session_deregistered)
         self.sessions.on_deregister.append(self.surfacing.forget)
         self.sessions.on_deregister.append(self.presence_settings.forget)
-        poll = RosterPoll(self.bus.subscriber_count, self.links.rosters, lambda: self.links.meshes)
+        poll = RosterPoll(lambda: self.bus.subscriber_count, self.links.rosters,
+                          lambda: self.links.meshes)
         self.supervisor.every('roster-poll', lambda: self.timings['roster_poll_interval'],
                               poll.step, wait_first=True)
         self.supervisor.every('surfacing', lambda: self.timings['surface_check_interval'],

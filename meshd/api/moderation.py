@@ -128,6 +128,9 @@ class ModerationMethods:
         if not isinstance(peer, str) or not peer.strip():
             raise invalid_params("missing 'peer' (a name, a key prefix or a key)")
         slug = self.routes.one(ctx, mesh)
+        # The broker first: resolving a name against a broker that is away or cannot take
+        # grants would answer with the wrong error.
+        calls.require(self.routes.link(ctx, slug), slug, GRANTS_FEATURE)
         resolution = self.resolver.resolve(ctx.session, peer.strip(), slug)
         if not resolution.is_dm:
             raise invalid_params("'peer' must name one peer, not a group or everyone")
