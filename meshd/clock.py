@@ -21,10 +21,12 @@ def utcnow():
 def iso_from_ms(ms):
     """ISO time of `ms` (epoch milliseconds; None means now), as JavaScript's toISOString."""
     if ms is None:
-        moment = datetime.datetime.now(datetime.timezone.utc)
-    else:
-        moment = datetime.datetime.fromtimestamp(ms / 1000.0, datetime.timezone.utc)
-    return moment.isoformat(timespec='milliseconds').replace('+00:00', 'Z')
+        ms = now_ms()
+    seconds, millis = divmod(int(ms), 1000)
+    # time.gmtime is several times faster than datetime: listings format every row's times.
+    year, month, day, hour, minute, second = time.gmtime(seconds)[:6]
+    return '%04d-%02d-%02dT%02d:%02d:%02d.%03dZ' % (year, month, day, hour, minute, second,
+                                                    millis)
 
 
 def iso_now():

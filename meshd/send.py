@@ -11,6 +11,7 @@ resolver, the timings and a way to wake the drain.
 """
 import uuid
 
+from peewee import IntegrityError
 from rpc.connection import Pending
 from rpc.protocol import (CONFLICT, INVALID_PARAMS, INVALID_REQUEST, NOT_FOUND, UPSTREAM_ERROR,
                           RpcError, invalid_params)
@@ -103,11 +104,16 @@ class Sender:
                    if sender_session else None)
 
         def accept():
-            # Again inside the transaction: a concurrent send with the same key may have won.
-            existing = _decide(cmid, fingerprint) if callers_key else None
-            if existing is None:
+            try:
                 Outbox.accept(row, fingerprint, now)
-            return existing
+            except IntegrityError:
+                # A concurrent send with the same key won since the lookup above: answer as
+                # that send's duplicate (or conflict). A key the daemon minted never clashes.
+                existing = _decide(cmid, fingerprint) if callers_key else None
+                if existing is None:
+                    raise
+                return existing
+            return None
 
         def answer(existing):
             if existing is not None:

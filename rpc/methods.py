@@ -39,6 +39,8 @@ class Method:
         # fields later protocol revisions add); they reach it unchecked.
         self.open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
         self.params = [p for p in params if p.kind is not p.VAR_KEYWORD]
+        self._known = {p.name: p for p in self.params}
+        self._required = [p.name for p in self.params if p.default is inspect.Parameter.empty]
         doc = inspect.getdoc(fn) or ''
         self.help = doc.splitlines()[0] if doc else ''
 
@@ -52,37 +54,46 @@ class Method:
         return {'name': self.name, 'help': self.help, 'params': params,
                 'result': self.result, 'session': self.session}
 
-    def bind(self, ctx, params):
-        """Check `params` against the signature and annotations; return the bound call."""
-        try:
-            size = compact_size(params)
-        except UnicodeEncodeError:
-            # json accepts a lone surrogate escape; no handler, database or peer can store it.
-            raise invalid_params('params must be text: a string holds a lone UTF-16 surrogate')
-        if size > self.params_limit:
-            raise RpcError.of(INVALID_REQUEST, 'payload_too_large',
-                              'params exceed %d bytes' % self.params_limit)
-        for name in params:
-            if name in self._wire_names and name not in self.renames:
-                raise invalid_params('unknown parameter %r' % name)  # only the wire name works
-        params = {self.renames.get(name, name): value for name, value in params.items()}
-        known = {p.name: p for p in self.params}
-        for name in params:
-            if name not in known and not self.open_ended:
-                raise invalid_params('unknown parameter %r' % name)
-        for param in self.params:
-            if param.name not in params:
-                if param.default is inspect.Parameter.empty:
-                    raise invalid_params('missing %r' % self._wire_names.get(param.name,
-                                                                            param.name))
-                continue
-            _check_type(param, params[param.name])
-        return self.signature.bind(ctx, **params)
+    def call(self, ctx, params):
+        """Check `params` against the signature and annotations, then call the handler.
+
+        The checks use what __init__ worked out once (`_known`, `_required`): inspecting the
+        signature on every call cost more than a small method's own work."""
+        if params:
+            try:
+                size = compact_size(params)
+            except UnicodeEncodeError:
+                # json accepts a lone surrogate escape; no handler, database or peer can
+                # store it.
+                raise invalid_params('params must be text: a string holds a lone UTF-16 '
+                                     'surrogate')
+            if size > self.params_limit:
+                raise RpcError.of(INVALID_REQUEST, 'payload_too_large',
+                                  'params exceed %d bytes' % self.params_limit)
+            if self.renames or self._wire_names:
+                for name in params:
+                    if name in self._wire_names and name not in self.renames:
+                        raise invalid_params('unknown parameter %r' % name)  # the wire name only
+                params = {self.renames.get(name, name): value for name, value in params.items()}
+            for name, value in params.items():
+                param = self._known.get(name)
+                if param is None:
+                    if not self.open_ended:
+                        raise invalid_params('unknown parameter %r' % name)
+                elif param.annotation is not _ANY:
+                    _check_type(param, value)
+        for name in self._required:
+            if name not in params:
+                raise invalid_params('missing %r' % self._wire_names.get(name, name))
+        return self.fn(ctx, **params)
+
+
+_ANY = inspect.Parameter.empty
 
 
 def _check_type(param, value):
     expected = param.annotation
-    if expected is inspect.Parameter.empty or expected is object:
+    if expected is object:
         return
     if value is None and param.default is None:
         return  # an explicit null for an optional parameter means "not given"

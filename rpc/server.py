@@ -355,8 +355,7 @@ class RpcServer:
         ctx = CallContext(self, conn)
         if method.session == 'required' and ctx.session is None:
             raise RpcError.of(AUTH_ERROR, 'no_session', 'no session token')
-        bound = method.bind(ctx, params)
-        return method.fn(*bound.args, **bound.kwargs)
+        return method.call(ctx, params)
 
     # -- built-in methods --------------------------------------------------------------
 

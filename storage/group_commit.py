@@ -131,6 +131,18 @@ class GroupWriter:
             raise
 
     def _commit_batch(self, batch):
+        if len(batch) == 1:
+            # Alone in its transaction, a write needs no savepoint: its failure rolls back
+            # only itself. (A savepoint cost about a tenth of a one-at-a-time send.)
+            fn, args, kwargs, result = batch[0]
+            try:
+                with self.transaction():
+                    value = fn(*args, **kwargs)
+            except Exception as exc:
+                result.set_exception(exc)
+                return
+            result.set(value)
+            return
         outcomes = []
         try:
             with self.transaction():

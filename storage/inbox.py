@@ -1,8 +1,20 @@
 """The inbox of meshd.db: what the daemon received, and how far it reached the agent
 (spec/daemon.md §3.2, spec/agents.md §1)."""
+import collections
+
 from peewee import SQL, Case, IntegerField, TextField
 
 from storage.base import BaseModel, delete_batch, execute, placeholders
+
+
+# The columns an inbox item shows (meshd/api/mailbox.py), read as tuples on hot paths.
+ITEM_COLUMNS = ('id', 'client_message_id', 'broker_message_id', 'mesh', 'topic',
+                'sender_pubkey', 'sender_name', 'sender_member_pubkey', 'body', 'received_at',
+                'reply_to_id', 'seen_at', 'recipient_pubkey', 'recipient_kind',
+                'decrypt_failed', 'e2e', 'priority', 'emitted_at', 'surfaced_at',
+                'surfaced_via')
+ItemRow = collections.namedtuple('ItemRow', ITEM_COLUMNS)
+_ITEM_SELECT = ', '.join('"%s"' % column for column in ITEM_COLUMNS)
 
 
 class Inbox(BaseModel):
@@ -67,19 +79,26 @@ class Inbox(BaseModel):
     @classmethod
     def listing(cls, scope, since=None, topic=None, sender=None, mesh=None, unread_only=False,
                 limit=100):
-        """The rows in `scope`, newest first, with the filters of inbox.list."""
-        query = cls.select().where(cls.in_scope(scope))
-        if since is not None:
-            query = query.where(cls.received_at >= since)
-        if topic is not None:
-            query = query.where(cls.topic == topic)
-        if sender is not None:
-            query = query.where(cls.sender_pubkey == sender)
-        if mesh is not None:
-            query = query.where(cls.mesh == mesh)
+        """The rows in `scope`, newest first, with the filters of inbox.list, as ItemRows.
+
+        Hand-written: inbox.list is a hot read, and building peewee model objects cost
+        about half of its time."""
+        where, params = [], []
+        if scope is not None:
+            where.append('("recipient_pubkey" = \'\' OR "recipient_pubkey" = ? '
+                         'OR "recipient_pubkey" = ?)')
+            params.extend(scope)
+        for column, value in (('received_at', since), ('topic', topic),
+                              ('sender_pubkey', sender), ('mesh', mesh)):
+            if value is not None:
+                where.append('"%s" %s ?' % (column, '>=' if column == 'received_at' else '='))
+                params.append(value)
         if unread_only:
-            query = query.where(cls.seen_at.is_null())
-        return list(query.order_by(cls.received_at.desc(), cls.id).limit(limit))
+            where.append('"seen_at" IS NULL')
+        cursor = execute('SELECT %s FROM "inbox"%s ORDER BY "received_at" DESC, "id" LIMIT ?'
+                         % (_ITEM_SELECT, ' WHERE ' + ' AND '.join(where) if where else ''),
+                         params + [limit])
+        return [ItemRow._make(row) for row in cursor]
 
     @classmethod
     def ids_in_scope(cls, ids, scope):

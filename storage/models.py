@@ -19,6 +19,16 @@ RETENTION_MS = 30 * 24 * 3600 * 1000
 EVENT_LOG_KEEP = 10000
 
 
+# The columns `send` writes, in one prepared-once statement per table.
+_ACCEPT_COLUMNS = ('id', 'client_message_id', 'request_fingerprint', 'payload', 'enqueued_at',
+                   'attempts', 'next_attempt_at', 'status', 'mesh', 'target_spec', 'nonce',
+                   'ciphertext', 'priority', 'expires_at', 'sender_session_pubkey')
+_ACCEPT_OUTBOX = 'INSERT INTO "outbox" (%s) VALUES (%s)' % (
+    ', '.join('"%s"' % column for column in _ACCEPT_COLUMNS), ', '.join('?' * len(_ACCEPT_COLUMNS)))
+_ACCEPT_KEY = ('INSERT INTO "idempotency" ("client_message_id", "request_fingerprint", '
+               '"outbox_id", "created_at") VALUES (?, ?, ?, ?)')
+
+
 class Outbox(BaseModel):
     """A message accepted by `send`, durable before `send` answers (spec/daemon.md §3.1)."""
     id = TextField(primary_key=True)
@@ -50,11 +60,13 @@ class Outbox(BaseModel):
 
     @classmethod
     def accept(cls, row, fingerprint, now):
-        """Insert an accepted row and its idempotency key (one transaction: the caller's)."""
-        cls.insert(**row).execute()
-        Idempotency.insert(client_message_id=row['client_message_id'],
-                           request_fingerprint=fingerprint, outbox_id=row['id'],
-                           created_at=now).execute()
+        """Insert an accepted row and its idempotency key (one transaction: the caller's).
+
+        Hand-written: building peewee's INSERTs was a fifth of the cost of a send. A key
+        already taken raises peewee.IntegrityError (client_message_id is unique in both
+        tables), and the caller decides what the earlier send means."""
+        execute(_ACCEPT_OUTBOX, [row[column] for column in _ACCEPT_COLUMNS])
+        execute(_ACCEPT_KEY, (row['client_message_id'], fingerprint, row['id'], now))
 
     @classmethod
     def newest(cls, status=None, limit=50):

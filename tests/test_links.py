@@ -1,6 +1,8 @@
 """End to end: daemons exchanging messages through a real meshd broker (issue: links)."""
 import signal
 
+from rpc.protocol import encode, request
+
 from meshd import crypto
 from meshd.broker import admin
 from meshd.broker.models import Member
@@ -215,6 +217,30 @@ class IdempotencyTest(LinksTestCase):
             da.call('outbox.requeue', {'id': row['id']})
             self.assertEqual(client.request('send', dead)['error']['data']['reason'],
                              'outbox_aborted_fingerprint_match')
+
+
+    def test_two_sends_racing_with_one_key_make_one_row(self):
+        """Pipelined, both sends look the key up before either commits: the unique key
+        decides, and the loser answers as the winner's duplicate (or a conflict)."""
+        alice, bob = self.member('alice'), self.member('bob')
+        da = self.daemon([alice])
+        same = {'to': bob['pubkey'], 'message': 'once', 'client_message_id': 'race-1'}
+        changed = dict(same, client_message_id='race-2')
+        with da.client() as client:
+            client.send_raw(b''.join(encode(request(n, 'send', params)) for n, params in (
+                (1, same), (2, same), (3, changed), (4, dict(changed, message='other')))))
+            answers = {}
+            while len(answers) < 4:
+                message = client.read_message(timeout=30)
+                answers[message['id']] = message
+        self.assertEqual(sorted(answers[n]['result']['duplicate'] for n in (1, 2)),
+                         [False, True])
+        outcomes = sorted('error' in answers[n] for n in (3, 4))
+        self.assertEqual(outcomes, [False, True])
+        error = next(answers[n]['error'] for n in (3, 4) if 'error' in answers[n])
+        self.assertEqual(error['data']['code'], 'conflict')
+        rows = [r['client_message_id'] for r in da.call('outbox.list')['items']]
+        self.assertEqual(sorted(rows), ['race-1', 'race-2'])
 
 
 class LifecycleTest(LinksTestCase):

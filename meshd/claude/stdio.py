@@ -119,8 +119,7 @@ class StdioPeer:
             params = {} if params is None else params
             if not isinstance(params, dict):
                 raise invalid_params('params must be an object')
-            bound = method.bind(RequestContext(request_id), params)
-            return method.fn(*bound.args, **bound.kwargs)
+            return method.call(RequestContext(request_id), params)
         except RpcError:
             if request_id is None:
                 return None
