@@ -35,10 +35,13 @@ class GroupWriter:
     each in its own transaction.
     """
 
-    def __init__(self, database, transaction, holds_write, max_batch=MAX_BATCH, name='writer'):
+    def __init__(self, database, transaction, holds_write, max_batch=MAX_BATCH, name='writer',
+                 after_commit=None):
         self.database = database
         self.transaction = transaction
         self.holds_write = holds_write
+        # Runs after each outermost commit, before anyone hears of it (the Store's fsync).
+        self.after_commit = after_commit or (lambda: None)
         self.max_batch = max_batch
         self.name = name
         self._queue = gevent.queue.Queue()
@@ -52,8 +55,7 @@ class GroupWriter:
 
     def write(self, fn, *args, **kwargs):
         if self._runs_inline():
-            with self.transaction():
-                return fn(*args, **kwargs)
+            return self._inline(fn, args, kwargs)
         result = gevent.event.AsyncResult()
         self._queue.put((fn, args, kwargs, result))
         return result.get()
@@ -90,13 +92,22 @@ class GroupWriter:
     def _enqueue(self, result, fn, args, kwargs):
         if self._runs_inline():
             try:
-                with self.transaction():
-                    result.set(fn(*args, **kwargs))
+                result.set(self._inline(fn, args, kwargs))
             except Exception as exc:
                 result.set_exception(exc)
         else:
             self._queue.put((fn, args, kwargs, result))
         return result
+
+    def _inline(self, fn, args, kwargs):
+        """Run a write in the caller's greenlet: its own transaction, or a savepoint of the
+        caller's (then the caller's commit is the one that counts)."""
+        outermost = not self.holds_write()
+        with self.transaction():
+            value = fn(*args, **kwargs)
+        if outermost:
+            self.after_commit()
+        return value
 
     def run(self):
         """The writer loop; returns after `stop()` once the queue is empty."""
@@ -138,6 +149,7 @@ class GroupWriter:
             try:
                 with self.transaction():
                     value = fn(*args, **kwargs)
+                self.after_commit()
             except Exception as exc:
                 result.set_exception(exc)
                 return
@@ -157,6 +169,7 @@ class GroupWriter:
                             # error): the writes before this one are gone too.
                             raise BatchAborted('write transaction rolled back: %s' % exc)
                         outcomes.append((False, exc))
+            self.after_commit()
         except Exception as exc:
             for _fn, _args, _kwargs, result in batch:
                 result.set_exception(exc)
@@ -175,8 +188,7 @@ class GroupWriter:
                 continue
             fn, args, kwargs, result = job
             try:
-                with self.transaction():
-                    result.set(fn(*args, **kwargs))
+                result.set(self._inline(fn, args, kwargs))
             except Exception as exc:
                 result.set_exception(exc)
 

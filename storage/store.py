@@ -9,7 +9,10 @@ freeze the whole hub until `busy_timeout` expires (STYLE.md fact 1). Nothing ins
 may touch a socket: read, commit, release, then send.
 
 `writer` is the one writer greenlet of DESIGN.md 19 (storage/group_commit.py): writes
-queued while a commit runs are committed together by the next one. Connections are per
+queued while a commit runs are committed together by the next one. At `full` durability the
+WAL is fsynced after each group commit in a real thread (SQLite then runs at NORMAL): the
+same guarantee as SQLite's FULL — a committed transaction is on disk before anyone is told —
+but the hub runs other greenlets during the fsync instead of freezing for it. Connections are per
 greenlet (peewee keeps them in a patched threading.local), so `:memory:` is never an option.
 """
 import contextlib
@@ -64,8 +67,10 @@ class Store:
         self.database = database            # the DatabaseProxy the models are bound to
         self.lock = gevent.lock.RLock()
         self._writers = {}                  # greenlet -> depth of writing() blocks
-        self.writer = GroupWriter(database, self.writing, self.in_write, name=name)
+        self.writer = GroupWriter(database, self.writing, self.in_write, name=name,
+                                  after_commit=self._after_commit)
         self.path = None                    # the SQLite file, None on PostgreSQL
+        self._sync_wal = False              # fsync the WAL after commits (full, on SQLite)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -76,8 +81,11 @@ class Store:
         create_private_file(path)
         previous = os.umask(0o077)  # the -wal and -shm companions stay private too
         try:
+            sqlite_pragmas(durability)      # checks the name
+            # `full` is kept by our own fsync of the WAL, off the hub (_after_commit).
             database = PooledSqliteDatabase(path, max_connections=SQLITE_CONNECTIONS,
-                                            timeout=POOL_WAIT, pragmas=sqlite_pragmas(durability))
+                                            timeout=POOL_WAIT,
+                                            pragmas=sqlite_pragmas('normal'))
             database.connect()
             database.close()
         except peewee.PeeweeException as exc:
@@ -86,7 +94,28 @@ class Store:
             os.umask(previous)
         self.database.initialize(database)
         self.path = path
+        self._sync_wal = durability == 'full'
         return self
+
+    def _after_commit(self):
+        """After a commit and before its writers hear of it: at `full`, sync the WAL's data in
+        a real thread (fdatasync, as SQLite's FULL does; it releases the GIL), so other
+        greenlets run meanwhile. A WAL that does not exist holds nothing unsynced: a
+        checkpoint syncs before it resets the log."""
+        if not self._sync_wal:
+            return
+        wal = self.path + '-wal'
+
+        def fsync():
+            try:
+                fd = os.open(wal, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        gevent.get_hub().threadpool.apply(fsync)
 
     def open_postgres(self, url, max_connections=POSTGRES_CONNECTIONS):
         """Open the PostgreSQL database of a `postgresql://user:pass@host:port/db` URL."""

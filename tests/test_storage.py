@@ -9,6 +9,7 @@ import sqlite3
 import stat
 import time
 import uuid
+from unittest import mock
 
 import gevent
 import gevent.event
@@ -509,6 +510,44 @@ class GroupWriterTest(StorageTestCase):
             release.set()
             holder.join(DEADLINE)
         return let_go
+
+    def test_at_full_the_wal_is_synced_after_each_commit_before_its_writer_hears(self):
+        """FULL durability by our own fdatasync of the WAL in a thread: it must run after
+        every commit, alone or grouped, and before the write's result is set."""
+        self.open_migrated()
+        real = os.fdatasync
+        seen = []
+        pending = []
+
+        def fdatasync(fd):
+            seen.append([result.ready() for result in pending])
+            return real(fd)
+        self.start_writer()
+        with mock.patch('storage.store.os.fdatasync', side_effect=fdatasync):
+            alone = self.store.writer.write_async(
+                lambda: Event.create(epoch='e', kind='alone', ts='t', data='{}').seq)
+            pending.append(alone)
+            alone.get(DEADLINE)
+            let_go = self.hold_write_lock()
+            grouped = [self.store.writer.write_async(
+                lambda n=n: Event.create(epoch='e', kind='g%d' % n, ts='t', data='{}').seq)
+                for n in range(3)]
+            pending[:] = grouped
+            let_go()
+            for result in grouped:
+                result.get(DEADLINE)
+        self.assertGreaterEqual(len(seen), 2)
+        self.assertTrue(all(not any(ready) for ready in seen), seen)
+
+    def test_at_normal_nothing_is_synced_by_hand(self):
+        self.store = Store(models_database).open_sqlite(self.path('normal.db'), 'normal')
+        self.addCleanup(self.store.close)
+        self.migrate()
+        self.start_writer()
+        with mock.patch('storage.store.os.fdatasync') as fdatasync:
+            self.store.writer.write_async(
+                lambda: Event.create(epoch='e', kind='k', ts='t', data='{}').seq).get(DEADLINE)
+        fdatasync.assert_not_called()
 
     def test_a_disk_full_rollback_fails_every_write_of_the_batch(self):
         """With the disk full, SQLite rolled the whole group transaction back while the
