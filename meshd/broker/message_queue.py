@@ -38,11 +38,12 @@ class MessageQueue(BaseModel):
         table_name = 'message_queue'
         # The drain reads (mesh, undelivered, target) in created order; idempotency reads by
         # client_message_id; release by claim_id; the TTL sweep by expires_at; the notices
-        # of undelivered DMs by sender.
+        # of undelivered DMs by sender; a send's duplicate check by (sender, client id).
         indexes = ((('mesh_id', 'delivered_at', 'target_spec'), False),
                    (('client_message_id',), False), (('claim_id',), False),
                    (('expires_at',), False), (('delivered_at',), False),
-                   (('sender_member_id', 'undelivered_at'), False))
+                   (('sender_member_id', 'undelivered_at'), False),
+                   (('sender_member_id', 'client_message_id'), False))
 
     # -- sends -----------------------------------------------------------------------
 

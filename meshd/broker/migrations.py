@@ -98,6 +98,14 @@ _V3 = (
     '"message_queue" ("sender_member_id", "undelivered_at")',
 )
 
+# The duplicate check of every send reads (sender, client id): with only the index on
+# (sender_member_id, undelivered_at) SQLite's planner scanned every row the sender ever
+# queued, and delivered rows stay until their TTL, so each send got slower (11 ms at 19k rows).
+_V4 = (
+    'CREATE INDEX IF NOT EXISTS "message_queue_sender_member_id_client_message_id" ON '
+    '"message_queue" ("sender_member_id", "client_message_id")',
+)
+
 
 def _migration(number, statements, doc):
     return Migration(number, [s.format(**_TYPES['sqlite']) for s in statements],
@@ -112,5 +120,6 @@ MIGRATIONS = [
     # DMs the broker gives up on are kept, with a reason, until their sender's daemon was
     # told (meshd extension `undelivered`, docs/wire-extensions.md).
     _migration(3, _V3, 'undelivered DMs and their notices'),
+    _migration(4, _V4, 'a send\'s duplicate check by (sender, client id)'),
 ]
 HEAD = head(MIGRATIONS)
