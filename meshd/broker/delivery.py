@@ -271,7 +271,10 @@ class Delivery(object):
         targets = {entry.member_pubkey, '*', '@all'} | group_targets(entry.groups)
         if entry.session_pubkey:
             targets.add(entry.session_pubkey)
-        return self.store.writer.write(
+        # A claim is a lease: lost in a crash or a rolled-back batch, its rows are merely
+        # claimable again and pushed once more (receivers deduplicate). So the push need not
+        # wait for the claim's commit and fsync: it waits only until the claim ran.
+        return self.store.writer.execute(
             MessageQueue.claim_batch, entry.mesh_id, targets,
             self._allowed_priorities(entry, now), entry.presence_id, now, self.lease,
             CLAIM_BATCH, unclaimed_only)
