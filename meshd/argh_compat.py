@@ -41,11 +41,17 @@ def _inferred_short(function, long_name):
     return '-' + letter
 
 
+def command_name(function):
+    """The name argh gives `function`'s command: its @named name, or its own with dashes."""
+    return getattr(function, 'argh_name', function.__name__.replace('_', '-'))
+
+
 def add_commands(parser, functions):
     """Add `functions` as `prog <command>`."""
     if parser._subparsers is None:     # created here, so usage says COMMAND, not all of them
         parser.add_subparsers(metavar='COMMAND', title='commands')
-    parser.add_commands(functions, func_kwargs=HELP_FORMAT)
+    if functions:                      # none when the parser is built for one group
+        parser.add_commands(functions, func_kwargs=HELP_FORMAT)
 
 
 def add_group(parser, name, functions, help_text):

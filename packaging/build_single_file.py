@@ -57,11 +57,22 @@ def _missing(name, debian, pypi):
     sys.exit(1)
 
 
-def _import_dependencies():
-    """Import every third-party dependency, gevent first so that it patches before the rest.
+def _import_dependencies(greenlets):
+    """Import every third-party dependency, gevent first so that it patches before the rest;
+    for a command that only talks to the daemon (`greenlets` false), only argh, so that it
+    starts without gevent (meshd/entry.py).
 
     A dependency that cannot be imported is one line on stderr naming it, and exit status 1.
     """
+    import importlib
+    if not greenlets:
+        for name, debian, pypi in DEPENDENCIES:
+            if name == 'argh':
+                try:
+                    importlib.import_module(name)
+                except ImportError:
+                    _missing(name, debian, pypi)
+        return
     name, debian, pypi = DEPENDENCIES[0]
     try:
         from gevent import monkey
@@ -69,7 +80,6 @@ def _import_dependencies():
         _missing(name, debian, pypi)
     # Before any other import (STYLE.md §2): websocket-client imports ssl and threading.
     monkey.patch_all()
-    import importlib
     for name, debian, pypi in DEPENDENCIES[1:]:
         try:
             importlib.import_module(name)
@@ -82,7 +92,8 @@ if sys.version_info < (3, 9):
     sys.exit(1)
 if sys.argv[1:2] != ['hook']:
     # A hook must start fast and never print to Claude Code: it imports what it needs itself.
-    _import_dependencies()
+    from meshd.entry import runs_greenlets  # noqa: E402 - imports nothing but sys
+    _import_dependencies(runs_greenlets(sys.argv[1:]))
 
 from meshd.entry import main  # noqa: E402 - after the patch and the dependency check
 

@@ -5,20 +5,28 @@ meshes, shared_commands, skill_commands, moderation_commands; the broker's in
 meshd/broker/cli.py). They parse, call, print, and raise: any
 MeshdError (or StorageError) that ends a command reaches `main`, which prints its text on
 stderr and exits with its `exit_code` — 2 for usage, 1 for run time — never a traceback.
+
+The first line patches gevent, unless meshd/entry.py knows the command runs no greenlets
+(`meshd send`: it only talks to the daemon). This package and the command modules import
+neither gevent nor peewee nor psutil when they load, only inside the commands that need
+them, so that such a command starts in a fraction of the time the daemon takes.
 """
-from gevent import monkey; monkey.patch_all()  # noqa: E702 - before every other import
+import sys
+
+from meshd.entry import patch_gevent; patch_gevent(sys.argv[1:])  # noqa: E702 - before the rest
 
 import os
 import signal
-import sys
 
 import argh
 
-from meshd import __version__, log as meshd_log
-from meshd.argh_compat import HELP_FORMAT, add_commands, add_group
+from meshd import __version__
+from meshd.argh_compat import HELP_FORMAT, add_commands, add_group, command_name
 from meshd.exceptions import USAGE, MeshdError, StorageError
 
 __all__ = ['build_parser', 'main']
+
+BROKER_COMMANDS = ('broker', 'broker-admin')
 
 
 class Parser(argh.ArghParser):
@@ -28,38 +36,54 @@ class Parser(argh.ArghParser):
         self.exit(USAGE, '%s: error: %s (see %s --help)\n' % (self.prog, message, self.prog))
 
 
-def build_parser():
-    from meshd.broker import cli as broker_cli
+def build_parser(only=None):
+    """meshd's parser: every command, or with `only` (the first word of a command line) that
+    command or group alone when it is one. A command line parses, prints its help and fails
+    the same with either; only `meshd --help` and the error for an unknown command list them
+    all, and `only` then names none. Fifty subparsers are most of a short command's time,
+    and meshd/broker/cli.py, which imports gevent and peewee, is imported only for its own
+    commands and the full list."""
     from meshd.cli import (claude_commands, daemon_commands, meshes, messages,
                            moderation_commands, service_commands, shared_commands, shell,
                            skill_commands)
+    broker, broker_admin = [], []
+    if only is None or only in BROKER_COMMANDS:
+        from meshd.broker import cli as broker_cli
+        broker, broker_admin = [broker_cli.broker], broker_cli.ADMIN_COMMANDS
+    commands = ([daemon_commands.quickstart, messages.send, messages.peers, messages.inbox,
+                 messages.outbox, messages.sessions, messages.call, meshes.whoami, meshes.join,
+                 meshes.leave, meshes.import_claudemesh, meshes.launch]
+                + shared_commands.MEMORY_COMMANDS + shared_commands.PRESENCE_COMMANDS
+                + moderation_commands.MODERATION_COMMANDS + [moderation_commands.msg_status]
+                + broker + claude_commands.COMMANDS + shell.COMMANDS)
+    groups = [('daemon', daemon_commands.COMMANDS + [service_commands.install_service],
+               'run and control the daemon'),
+              ('state', shared_commands.STATE_COMMANDS, "a mesh's shared keys and values"),
+              ('skill', skill_commands.SKILL_COMMANDS, "a mesh's shared skills"),
+              ('group', shared_commands.GROUP_COMMANDS, 'join or leave an @group'),
+              ('grants', moderation_commands.GRANTS_COMMANDS, 'what each peer may send you')]
+    if broker_admin:
+        groups.append(('broker-admin', broker_admin, "administer a meshd broker's database"))
+    if only is not None:
+        commands = [function for function in commands if command_name(function) == only]
+        groups = [group for group in groups if group[0] == only]
+        if not commands and not groups:
+            return build_parser()
     parser = Parser(prog='meshd', description='meshd: messages between agent sessions across '
                     'machines, through a claudemesh-protocol broker.', **HELP_FORMAT)
     parser.add_argument('--version', action='version', version='meshd %s' % __version__)
-    add_commands(parser, [daemon_commands.quickstart, messages.send, messages.peers,
-                          messages.inbox, messages.outbox, messages.sessions, messages.call,
-                          meshes.whoami, meshes.join, meshes.leave, meshes.import_claudemesh,
-                          meshes.launch]
-                 + shared_commands.MEMORY_COMMANDS + shared_commands.PRESENCE_COMMANDS
-                 + moderation_commands.MODERATION_COMMANDS + [moderation_commands.msg_status]
-                 + [broker_cli.broker] + claude_commands.COMMANDS + shell.COMMANDS)
-    add_group(parser, 'daemon', daemon_commands.COMMANDS + [service_commands.install_service],
-              'run and control the daemon')
-    add_group(parser, 'state', shared_commands.STATE_COMMANDS, "a mesh's shared keys and values")
-    add_group(parser, 'skill', skill_commands.SKILL_COMMANDS, "a mesh's shared skills")
-    add_group(parser, 'group', shared_commands.GROUP_COMMANDS, 'join or leave an @group')
-    add_group(parser, 'grants', moderation_commands.GRANTS_COMMANDS,
-              'what each peer may send you')
-    add_group(parser, 'broker-admin', broker_cli.ADMIN_COMMANDS,
-              "administer a meshd broker's database")
+    add_commands(parser, commands)
+    for name, functions, help_text in groups:
+        add_group(parser, name, functions, help_text)
     return parser
 
 
 def main(argv=None):
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ['broker']:
+        from meshd import log as meshd_log
         meshd_log.setup(debug=bool(os.environ.get('MESHD_DEBUG')))
-    parser = build_parser()
+    parser = build_parser(only=args[0] if args else None)
     try:
         parser.dispatch(argv=argv)
         sys.stdout.flush()

@@ -5,7 +5,6 @@ import sys
 
 from meshd.argh_compat import arg
 
-from meshd import control
 from meshd.cli.output import print_json
 from meshd.paths import Paths
 
@@ -55,6 +54,7 @@ def _print_report(report, as_json):
 @arg('--json', default=False, action='store_true', help='machine-readable output')
 def install_claude(*, project=None, dry_run=False, json=False):
     """Make Claude Code run meshd's MCP server and hooks, and give it the meshd skill."""
+    from meshd import control
     from meshd.claude import install
     paths = Paths()
     report = install.install(os.path.expanduser('~'), control.entry_command(), _manifest(paths),

@@ -1,13 +1,20 @@
 """The CLI's connection to the daemon: start it when needed, attach the caller's session,
-call one method. Failures raise CommandFailed with the line the user reads."""
+call one method. Failures raise CommandFailed with the line the user reads.
+
+A running daemon is the common case and takes one connection and no import beyond the
+standard library's socket and json: control (psutil, subprocess) loads only to tell why the
+daemon did not answer and to start one (meshd/entry.py: these commands skip gevent).
+"""
 import os
 import sys
 
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
-from meshd import config as config_mod, control, crypto, files
+from meshd import config as config_mod, files
 from meshd.cli.output import invoked_as
 from meshd.exceptions import CommandFailed, ConfigError
+
+PROBE_TIMEOUT = 2.5      # control.PROBE_TIMEOUT: how long daemon.version may take to answer
 
 
 def unreachable(exc, paths, state=None):
@@ -22,6 +29,10 @@ def unreachable(exc, paths, state=None):
 
 def connect(paths, timeout=5.0, spawn=True):
     """A connected RpcClient, the daemon started first when needed (spec/daemon.md §10.2)."""
+    client = _answering(paths, timeout)
+    if client is not None:
+        return client
+    from meshd import control
     state, detail = control.ensure_running(paths, allow_spawn=spawn)
     if state == 'started':
         print('[meshd] info daemon started automatically (%s)' % detail, file=sys.stderr)
@@ -35,11 +46,26 @@ def connect(paths, timeout=5.0, spawn=True):
         raise unreachable(exc, paths)
 
 
+def _answering(paths, timeout):
+    """A client on the daemon's socket that answered daemon.version (control.probe's
+    question, on the connection the command then uses), or None: no socket, no answer, or a
+    daemon too busy to take it, which control.ensure_running tells apart."""
+    client = RpcClient(socket_path=paths.socket, timeout=timeout)
+    try:
+        client.connect()
+        client.call('daemon.version', timeout=PROBE_TIMEOUT)
+        return client
+    except (RpcConnectionError, RpcCallError, ValueError):
+        client.close()
+        return None
+
+
 def session_token():
     """The session token in the file MESHD_SESSION_TOKEN_FILE names, if it is 64 hex."""
     path = os.environ.get('MESHD_SESSION_TOKEN_FILE')
     if not path:
         return None
+    from meshd import crypto       # PyNaCl: only when a session token is to be checked
     token = (files.read_text(path) or '').strip().lower()
     return token if crypto.is_hex64(token) else None
 

@@ -1,11 +1,14 @@
-"""`meshd daemon up|down|status|accept-host` and `meshd quickstart`."""
+"""`meshd daemon up|down|status|accept-host` and `meshd quickstart`.
+
+control and fingerprint (psutil) are imported by the commands that use them, not here: this
+module is loaded to build the parser of every command, `meshd send` too."""
 import os
 import sys
 
 from meshd.argh_compat import arg
 from rpc.client import RpcCallError, RpcClient, RpcConnectionError
 
-from meshd import config as config_mod, control, files, fingerprint, log as meshd_log
+from meshd import config as config_mod, files
 from meshd.cli.daemon_client import load_config
 from meshd.cli.output import invoked_as, print_json, report
 from meshd.exceptions import CommandFailed, DaemonExited, SpawnTimeout, StopTimeout, UsageError
@@ -50,6 +53,7 @@ def up(*, foreground=False, tcp=False, no_tcp=False, tcp_port=None, clone_policy
 
 def _run_foreground(paths, options):
     """Run the daemon in this process; a DaemonExit reaches cli.main with its exit code."""
+    from meshd import log as meshd_log
     from meshd.daemon import Daemon
     meshd_log.setup(debug=bool(os.environ.get('MESHD_DEBUG')))
     code = Daemon(paths, options).run()
@@ -58,6 +62,7 @@ def _run_foreground(paths, options):
 
 
 def _start_detached(paths, flags, as_json):
+    from meshd import control
     try:
         started = control.spawn_detached(paths, flags)
     except DaemonExited as exc:
@@ -82,6 +87,7 @@ def _start_detached(paths, flags, as_json):
 @arg('--json', default=False, action='store_true', help='machine-readable output')
 def down(*, json=False):
     """Stop the daemon: SIGTERM, then wait for the process to exit."""
+    from meshd import control
     paths = Paths()
     try:
         pid = control.stop(paths)
@@ -98,6 +104,7 @@ def down(*, json=False):
 @arg('--json', default=False, action='store_true', help='machine-readable output')
 def status(*, json=False):
     """Show whether the daemon runs, its version and its health."""
+    from meshd import control
     paths = Paths()
     pid = control.running_pid(paths)
     if pid is None:
@@ -125,6 +132,7 @@ def status(*, json=False):
 @arg('--json', default=False, action='store_true', help='machine-readable output')
 def accept_host(*, json=False):
     """Write a fresh host fingerprint (after moving the daemon directory to a new host)."""
+    from meshd import fingerprint
     paths = Paths()
     files.ensure_private_dir(paths.daemon_dir)
     record = fingerprint.write_record(paths.fingerprint, fingerprint.HostIdentity())
@@ -134,7 +142,7 @@ def accept_host(*, json=False):
 
 def quickstart():
     """Start a local broker and two daemons (alice, bob) and send a DM between them."""
-    from meshd import quickstart as quickstart_mod
+    from meshd import control, quickstart as quickstart_mod
     quickstart_mod.main(control.entry_command(), Paths().home)
 
 

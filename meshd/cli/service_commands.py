@@ -1,12 +1,15 @@
 """`meshd daemon install-service`: write (or remove) the systemd user unit, and with --now
-start it and wait for the daemon's first broker link."""
+start it and wait for the daemon's first broker link.
+
+control (psutil) is imported by the command, not here: this module is loaded to
+build the parser of every command, `meshd send` too."""
 import os
 import shutil
 import sys
 
 from meshd.argh_compat import arg
 
-from meshd import control, files, service
+from meshd import files, service
 from meshd.cli.output import print_json, report
 from meshd.exceptions import CommandFailed, ControlError
 from meshd.paths import Paths
@@ -24,6 +27,7 @@ def _uninstall(path, as_json):
 
 
 def _boot(paths, as_json, result):
+    from meshd import control
     service.systemctl('daemon-reload')
     service.systemctl('enable', '--now', service.UNIT_NAME)
     health = control.wait_ready(paths)
@@ -61,6 +65,7 @@ def _boot(paths, as_json, result):
 @arg('--json', default=False, action='store_true', help='machine-readable output')
 def install_service(*, force=False, uninstall=False, now=False, json=False):
     """Write the systemd user unit that runs the daemon (--uninstall removes it)."""
+    from meshd import control
     if not sys.platform.startswith('linux'):
         raise CommandFailed('install-service writes systemd user units: Linux only for now')
     path = service.unit_path()
