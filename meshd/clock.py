@@ -18,15 +18,24 @@ def utcnow():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
+_SECONDS_CACHE = {}          # epoch second -> 'YYYY-MM-DDTHH:MM:SS'
+_SECONDS_CACHE_SIZE = 4096
+
+
 def iso_from_ms(ms):
     """ISO time of `ms` (epoch milliseconds; None means now), as JavaScript's toISOString."""
     if ms is None:
         ms = now_ms()
     seconds, millis = divmod(int(ms), 1000)
-    # time.gmtime is several times faster than datetime: listings format every row's times.
-    year, month, day, hour, minute, second = time.gmtime(seconds)[:6]
-    return '%04d-%02d-%02dT%02d:%02d:%02d.%03dZ' % (year, month, day, hour, minute, second,
-                                                    millis)
+    # Listings format up to four times per row, and rows cluster in the same seconds: the
+    # date and time of a second are formatted once (time.gmtime, not datetime, when not).
+    stamp = _SECONDS_CACHE.get(seconds)
+    if stamp is None:
+        if len(_SECONDS_CACHE) >= _SECONDS_CACHE_SIZE:
+            _SECONDS_CACHE.clear()
+        stamp = _SECONDS_CACHE[seconds] = '%04d-%02d-%02dT%02d:%02d:%02d' % time.gmtime(
+            seconds)[:6]
+    return '%s.%03dZ' % (stamp, millis)
 
 
 def iso_now():
